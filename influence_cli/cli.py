@@ -1,0 +1,239 @@
+"""`infl`: thin Typer commands over `pipeline`. Errors map to exit codes in `_run_command` only.
+
+stdout carries tables (or, with --json, one JSON document and nothing else); progress bars,
+warnings and errors go to stderr. Exit codes (SPEC): 0 done, 1 threshold breached, 2 bad usage or
+config, 3 unusable data or model, 4 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import pipeline, report
+from .config import Config, load_config
+from .errors import InflError
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
+                  "training rows and the rows that help or hurt test predictions.")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: output.dir).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress, no tables: only errors on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout and nothing else.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+@contextmanager
+def _run_command(debug: bool) -> Iterator[None]:
+    """The one place errors become exit codes."""
+    try:
+        yield
+    except InflError as e:
+        if debug:
+            raise
+        _stderr().print(f"error: {e.message}")
+        if e.hint:
+            _stderr().print(f"  hint: {e.hint}")
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _stderr().print("error: interrupted; reports from earlier runs are untouched")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else is a bug
+        if debug:
+            raise
+        _stderr().print(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it")
+        raise typer.Exit(4) from None
+
+
+class _UI:
+    """Rendering for one command: progress on stderr (TTY only), tables or JSON on stdout."""
+
+    def __init__(self, quiet: bool, as_json: bool) -> None:
+        self.quiet, self.as_json = quiet, as_json
+        self.out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+        self.err = _stderr()
+        self._bar: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    @contextmanager
+    def progress(self) -> Iterator[pipeline.ProgressFn | None]:
+        if self.quiet or not self.err.is_terminal:
+            yield None
+            return
+        columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            def update(phase: str, done: int, total: int) -> None:
+                if phase not in self._tasks:
+                    self._tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(self._tasks[phase], completed=done, total=total)
+
+            yield update
+
+    def finish(self, result: pipeline.Report, files: list[Path], extra: dict[str, Any] | None = None) -> None:
+        if not self.quiet:
+            for w in result.warnings:
+                self.err.print(f"warning: {w}")
+        if self.as_json:
+            doc = {**result.summary, **(extra or {}), "files": [str(f) for f in files], "warnings": result.warnings}
+            sys.stdout.write(json.dumps(report._jsonable(doc), indent=2, sort_keys=True) + "\n")
+            sys.stdout.flush()
+
+    @property
+    def show(self) -> bool:
+        return not (self.quiet or self.as_json)
+
+    def table(self, title: str, frame: Any, columns: list[str], rows: int) -> None:
+        table = Table(title=title, title_justify="left")
+        for c in columns:
+            table.add_column(c, justify="right" if c in ("rank", "self_influence", "loss", "prob_label",
+                                                        "loss_change_if_removed") else "left")
+        for _, row in frame.head(rows).iterrows():
+            table.add_row(*[_fmt(row[c]) for c in columns])
+        self.out.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _out_dir(cfg: Config, out: Path | None) -> Path:
+    return out.resolve() if out is not None else cfg.output.dir
+
+
+@app.command()
+def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+              as_json: JsonOpt = False, debug: DebugOpt = False,
+              top: Annotated[int, typer.Option(help="Rows shown in the terminal table (the CSV has all).")] = 10,
+              fail_above: Annotated[float | None, typer.Option(
+                  help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None) -> None:
+    """Self-influence of every training example; flags likely label errors (selfcheck.csv)."""
+    ui = _UI(quiet, as_json)
+    with _run_command(debug):
+        cfg = load_config(config, set_ or [])
+        with ui.progress() as progress:
+            result = pipeline.selfcheck(cfg, progress)
+        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        breached = fail_above is not None and result.summary["flagged_fraction"] > fail_above
+        ui.finish(result, files, {"threshold_breached": breached})
+        if ui.show:
+            s = result.summary
+            ui.table("most self-influential training examples", result.tables["selfcheck.csv"],
+                     ["rank", "id", "label", "predicted", "prob_label", "self_influence", "flagged"], top)
+            ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); wrote {files[0]}")
+        if breached:
+            ui.err.print(f"threshold: flagged fraction {result.summary['flagged_fraction']:.4f} > --fail-above "
+                         f"{fail_above}")
+    raise typer.Exit(1 if breached else 0)
+
+
+@app.command()
+def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+         as_json: JsonOpt = False, debug: DebugOpt = False,
+         top: Annotated[int, typer.Option(help="Rows per test example in helpful/harmful.csv.")] = 10,
+         test_ids: Annotated[str | None, typer.Option(help="Only these test ids, comma separated.")] = None) -> None:
+    """Influence of every training example on test examples (helpful/harmful/overall.csv)."""
+    ui = _UI(quiet, as_json)
+    with _run_command(debug):
+        cfg = load_config(config, set_ or [])
+        ids = [t.strip() for t in test_ids.split(",") if t.strip()] if test_ids else None
+        with ui.progress() as progress:
+            result = pipeline.rank(cfg, progress, top=top, test_ids=ids)
+        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        ui.finish(result, files)
+        if ui.show:
+            overall = result.tables["overall.csv"]
+            cols = ["rank", "id", "label", "loss_change_if_removed"]
+            ui.table("most harmful to the mean test loss", overall, cols, top)
+            helpful = overall.iloc[::-1].reset_index(drop=True)
+            ui.table("most helpful to the mean test loss", helpful, cols, top)
+            ui.out.print(f"{result.summary['test_examples']} test examples; wrote {', '.join(str(f) for f in files)}")
+    raise typer.Exit(0)
+
+
+@app.command()
+def train(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False,
+          debug: DebugOpt = False) -> None:
+    """Train the configured model on the training set and write model.checkpoint."""
+    ui = _UI(quiet, as_json)
+    with _run_command(debug):
+        cfg = load_config(config, set_ or [])
+        with ui.progress() as progress:
+            result = pipeline.train(cfg, progress)
+        ui.finish(result, [Path(result.summary["checkpoint"])])
+        if ui.show:
+            s = result.summary
+            ui.out.print(f"trained {s['parameters']} parameters on {s['n']} rows with {s['optimizer']}: "
+                         f"objective {s['objective']:.6g}, gradient norm {s['grad_norm']:.3g} "
+                         f"({'converged' if s['converged'] else 'NOT converged'}) -> {s['checkpoint']}")
+    raise typer.Exit(0)
+
+
+@app.command()
+def check(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False,
+          debug: DebugOpt = False) -> None:
+    """Validate the config, load data and model, estimate time and memory; computes nothing heavy."""
+    ui = _UI(quiet, as_json)
+    with _run_command(debug):
+        cfg = load_config(config, set_ or [])
+        result = pipeline.check(cfg)
+        ui.finish(result, [])
+        if ui.show:
+            s = result.summary
+            ui.out.print(yaml.safe_dump({"config": s["config"]}, sort_keys=False).rstrip())
+            ui.out.print(f"train rows: {s['n']}   test rows: {s['n_test']}   device: {s['device']}")
+            ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
+            ui.out.print(f"solver: {s['solver']}   per-example gradients of all rows: ~{s['gradient_seconds']} s")
+            table = Table(title="solver estimates", title_justify="left")
+            for c in ("solver", "memory", "fit time", "note"):
+                table.add_column(c)
+            for name, e in s["solver_estimates"].items():
+                table.add_row(name, report_gib(e["memory_bytes"]), f"~{e['fit_seconds']} s", e["note"])
+            ui.out.print(table)
+    raise typer.Exit(0)
+
+
+def report_gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors become SPEC's `error:` lines with exit 2; Ctrl-C is 130."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except KeyboardInterrupt:
+        _stderr().print("error: interrupted")
+        sys.exit(130)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # click's UsageError family
+            raise
+        _stderr().print(f"error: {e.format_message()}")
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            _stderr().print(f"  hint: see `{ctx.command_path} --help`")
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,378 @@
+"""The YAML config: frozen dataclasses, a strict loader, and `--set dotted.key=value` overrides.
+
+No torch here. Every key has a default except `model.arch` and `data.train`. Unknown keys, wrong
+types and out-of-range values raise `ConfigError` naming the dotted key. Relative paths are
+resolved against the config file's folder; an input that does not exist there is also looked for
+in the current directory (so `--set data.train.path=x.csv` works from the shell).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+_REQUIRED = {"required": True}
+_IN_PATH = {"path": "input"}
+_OUT_PATH = {"path": "output"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = field(default="", metadata=_REQUIRED)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = field(default=None, metadata=_OUT_PATH)  # `infl train` writes it
+    trust_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    format: Literal["csv", "parquet", "imagefolder", "torchvision", "tensors", "python"] = field(
+        default="csv", metadata=_REQUIRED
+    )
+    path: Path | None = field(default=None, metadata=_IN_PATH)
+    label: str = "label"  # csv/parquet column, or the key of the labels in a tensors file
+    id: str | None = None  # column (csv/parquet) or key (tensors) holding each row's id
+    features: tuple[str, ...] | None = None
+    group: str | None = None
+    carry: tuple[str, ...] = ()
+    x_key: str = "x"  # tensors: key of the inputs
+    # imagefolder / torchvision
+    name: str | None = None  # torchvision dataset class, e.g. MNIST, CIFAR10
+    split: str | None = None  # torchvision: train | test (default: this split's role)
+    resize: tuple[int, ...] | None = None
+    grayscale: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    # python
+    function: str | None = None  # "package.module:function" returning a torch Dataset
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format in ("csv", "parquet", "imagefolder", "torchvision", "tensors") and not self.path:
+            raise ConfigError(f"path: required for format {self.format}", hint="give the file or folder")
+        if self.format == "torchvision" and not self.name:
+            raise ConfigError("name: required for format torchvision", hint="for example name: MNIST")
+        if self.format == "python" and (not self.function or ":" not in self.function):
+            raise ConfigError("function: format python needs function: package.module:function")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("mean/std: give both or neither")
+        if self.resize is not None and not 1 <= len(self.resize) <= 2:
+            raise ConfigError("resize: give one size or [height, width]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: SplitConfig = field(default_factory=SplitConfig, metadata=_REQUIRED)
+    test: SplitConfig | None = None
+
+
+@dataclass(frozen=True)
+class CGConfig:
+    max_iter: int = 100
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_iter", "tol")
+
+
+@dataclass(frozen=True)
+class LissaConfig:
+    depth: int = 1000
+    scale: float | Literal["auto"] = "auto"
+    repeats: int = 1
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "depth", "repeats")
+        if self.scale != "auto":
+            _positive(self, "scale")
+
+
+@dataclass(frozen=True)
+class ArnoldiConfig:
+    rank: int = 50
+    oversample: int = 20
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank")
+
+
+@dataclass(frozen=True)
+class EkfacConfig:
+    correct_eigenvalues: bool = True
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    name: Literal["direct", "cg", "lissa", "arnoldi", "ekfac", "auto"] = "direct"
+    damping: float = 0.001
+    hessian: Literal["exact", "gauss_newton"] = "exact"
+    memory_limit_gb: float | None = None  # default: 80% of the memory available at run time
+    cg: CGConfig = field(default_factory=CGConfig)
+    lissa: LissaConfig = field(default_factory=LissaConfig)
+    arnoldi: ArnoldiConfig = field(default_factory=ArnoldiConfig)
+    ekfac: EkfacConfig = field(default_factory=EkfacConfig)
+
+    def __post_init__(self) -> None:
+        if self.damping < 0:
+            raise ConfigError(f"damping: must be >= 0, got {self.damping}")
+        if self.memory_limit_gb is not None:
+            _positive(self, "memory_limit_gb")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: Literal["lbfgs", "adam", "sgd"] = "lbfgs"
+    epochs: int = 100
+    lr: float = 1.0
+    momentum: float = 0.9  # sgd only
+    tol: float = 1e-5  # stop when the full-objective gradient norm is below this
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "lr", "tol")
+
+
+@dataclass(frozen=True)
+class SelfcheckConfig:
+    """Which rows `flagged` marks. See README, "How rows are flagged"."""
+
+    flag_threshold: float = 2.0  # robust z-score of log(self_influence) above which a row is flagged
+    flag_fraction: float | None = None  # if set: flag exactly this top fraction instead
+    flag_requires_mismatch: bool = False  # classification: flag only rows the model mislabels
+
+    def __post_init__(self) -> None:
+        if self.flag_fraction is not None and not 0 <= self.flag_fraction <= 1:
+            raise ConfigError(f"flag_fraction: must be in [0, 1], got {self.flag_fraction}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: Path = field(default=Path("reports"), metadata=_OUT_PATH)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_REQUIRED)
+    data: DataConfig = field(default_factory=DataConfig, metadata=_REQUIRED)
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "float64"] = "float32"  # model and gradients; curvature is always float64
+    batch_size: int = 256
+    task: Literal["classification", "binary", "regression"] = "classification"
+    params: Literal["all", "last_layer"] | tuple[str, ...] = "all"
+    weight_decay: float = 0.001
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    selfcheck: SelfcheckConfig = field(default_factory=SelfcheckConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: Path | None = field(default=None, metadata={"internal": True})  # the YAML file
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        _positive(self, "batch_size")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if isinstance(self.params, tuple) and not self.params:
+            raise ConfigError("params: the list of parameter-name prefixes is empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able form (paths as strings, tuples as lists), for the manifest."""
+        return _plain(dataclasses.asdict(self))
+
+
+def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override, validate and resolve a config. Raises ConfigError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", hint="pass --config PATH to a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping (key: value), not {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = build(Config, raw, "")
+    cfg = _resolve_paths(cfg, path.resolve().parent)
+    return dataclasses.replace(cfg, source=path.resolve())
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as a YAML scalar) to the raw mapping in place."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value", hint="for example --set solver.damping=0.01")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section", hint="check the key")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Validate `raw` against dataclass `cls`; `where` is the dotted path for messages."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {_show(raw)}")
+    hints = get_type_hints(cls)
+    known = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    names = [f.name for f in known]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {_join(where, close[0])}?" if close else f"known keys: {', '.join(names)}"
+            raise ConfigError(f"{_join(where, str(key))}: unknown key", hint=hint)
+    kwargs = {}
+    for f in known:
+        dotted = _join(where, f.name)
+        if f.name in raw:
+            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], dotted)
+        elif f.metadata.get("required"):
+            raise ConfigError(f"{dotted}: required key is missing", hint="see configs/ for examples")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(_join(where, e.message), hint=e.hint) from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as e:
+                errors.append(e.message.removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: {' or '.join(dict.fromkeys(errors))}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"did you mean {close[0]}?" if close else None
+        raise ConfigError(f"{key}: expected one of {' | '.join(map(str, choices))}, got {_show(value)}", hint=hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # a single value where a list is expected: `carry: source`
+        item_tp = get_args(tp)[0]
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: keys must be strings")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, {} if value is None else value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+    if tp is int:
+        number = _number(value, key, "a whole number")
+        if number != int(number):
+            raise ConfigError(f"{key}: expected a whole number, got {_show(value)}")
+        return int(number)
+    if tp is float:
+        return float(_number(value, key, "a number"))
+    if tp is str:
+        if isinstance(value, str) and value:
+            return value
+        raise ConfigError(f"{key}: expected text, got {_show(value)}", hint="quote it if it is meant as text")
+    if tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value).expanduser()
+        raise ConfigError(f"{key}: expected a path, got {_show(value)}")
+    raise TypeError(f"config type {tp} of {key} is not handled")  # a bug in this module
+
+
+def _number(value: Any, key: str, what: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {what}, got {_show(value)}")
+    if isinstance(value, str):  # PyYAML reads 1e-3 as a string
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected {what}, got {_show(value)}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected {what}, got {_show(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
+    return value
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {value}")
+
+
+def _resolve_paths(obj: Any, base: Path) -> Any:
+    """Make every path field absolute; inputs missing next to the config are looked for in cwd."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _resolve_paths(value, base)
+        elif isinstance(value, Path) and f.metadata.get("path"):
+            if not value.is_absolute():
+                candidate = base / value
+                if f.metadata["path"] == "input" and not candidate.exists() and value.exists():
+                    candidate = value.resolve()
+                value = candidate
+            changes[f.name] = Path(value).resolve() if value.exists() else Path(os.path.normpath(value))
+    return dataclasses.replace(obj, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}"

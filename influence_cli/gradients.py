@@ -1,0 +1,201 @@
+"""Per-example gradients and Hessian-vector products: the one place that differentiates the model.
+
+Everything goes through `torch.func.functional_call` with a dict of the selected parameters; the
+model itself is never mutated. Per-example gradients are `vmap(grad(loss of one row))`, streamed in
+blocks of rows small enough that a (rows, p) block stays under a memory budget. HVPs are
+forward-over-reverse (`jvp` of `grad`), vmapped over many vectors at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from .errors import DataError
+from .objective import Problem
+
+with warnings.catch_warnings():  # torch's jvp rules use torch.jit.script, which warns on first import
+    warnings.simplefilter("ignore", FutureWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+Progress = Callable[[int, int], None]  # (done, total) in rows
+BLOCK_BYTES = 512 * 2**20  # memory budget of one vmapped block (gradients and activations)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Per-example results for rows `idx` (B,): grads (B, p), losses (B,), outputs (B, C), targets."""
+
+    idx: Tensor
+    grads: Tensor
+    losses: Tensor
+    outputs: Tensor
+    targets: Tensor
+
+
+class GradientSource:
+    def __init__(self, problem: Problem, block_bytes: int = BLOCK_BYTES) -> None:
+        self.problem = problem
+        self.block_bytes = block_bytes
+        self._activations: int | None = None
+
+    # ---- functional pieces -------------------------------------------------------------------
+    def _state(self, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(selected params, everything else the forward needs), detached, optionally cast."""
+        model, chosen = self.problem.model, set(self.problem.params.names)
+
+        def cast(t: Tensor) -> Tensor:
+            return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+
+        theta = {n: cast(p) for n, p in model.named_parameters() if n in chosen}
+        rest = {n: cast(p) for n, p in model.named_parameters() if n not in chosen}
+        rest.update({n: cast(b) for n, b in model.named_buffers()})
+        return theta, rest
+
+    def _forward(self, theta: dict[str, Tensor], rest: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.problem.model, {**theta, **rest}, (x,))
+
+    def activation_size(self) -> int:
+        """Numbers produced by one forward pass of one row (all leaf modules), measured once."""
+        if self._activations is None:
+            count = [0]
+
+            def hook(_m, _i, out):  # noqa: ANN001
+                if isinstance(out, Tensor):
+                    count[0] += out.numel()
+
+            leaves = [m for m in self.problem.model.modules() if not list(m.children())]
+            handles = [m.register_forward_hook(hook) for m in leaves]
+            try:
+                _, x, _ = next(iter(self.problem.train_loader))
+                with torch.no_grad():
+                    self.problem.model(x[:1].to(self.problem.device))
+            finally:
+                for h in handles:
+                    h.remove()
+            self._activations = max(count[0], 1)
+        return self._activations
+
+    def rows_per_block(self, dtype: torch.dtype = torch.float32) -> int:
+        """How many rows of per-example gradients fit the memory budget at once."""
+        p = self.problem.params.size
+        per_row = 3 * (p + self.activation_size()) * torch.finfo(dtype).bits // 8
+        return max(1, self.block_bytes // per_row)
+
+    # ---- per-example gradients ------------------------------------------------------------------
+    def per_example(self, loader: Iterable[tuple[Tensor, Tensor, Tensor]], ids: Sequence[str] | None = None,
+                    progress: Progress | None = None, total: int | None = None) -> Iterator[Block]:
+        """Yield Blocks of per-example gradients g_i = grad L(z_i) (no regularizer), in loader order.
+
+        Raises DataError naming the rows when a loss or gradient is NaN/inf."""
+        obj, space, device = self.problem.objective, self.problem.params, self.problem.device
+        theta, rest = self._state()
+
+        def one(th: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            out = self._forward(th, rest, x.unsqueeze(0))
+            loss = obj.per_example_loss(out, y.unsqueeze(0))[0]
+            return loss, out[0]
+
+        per_row = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))
+        step = self.rows_per_block()
+        done = 0
+        for idx, x, y in loader:
+            for s in range(0, len(idx), step):
+                xb, yb = x[s : s + step].to(device), y[s : s + step].to(device)
+                g, out = per_row(theta, xb, yb)
+                grads = space.flatten(g, batched=True)
+                losses = obj.per_example_loss(out, yb)
+                block = Block(idx[s : s + step], grads, losses, out, yb)
+                _check_finite(block, ids)
+                yield block
+                done += len(block.idx)
+                if progress is not None:
+                    progress(done, total or done)
+
+    # ---- curvature ------------------------------------------------------------------------------
+    def _batch_hvp(self, theta: dict[str, Tensor], rest: dict[str, Tensor], x: Tensor, y: Tensor
+                   ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+        """v -> hess(sum of this batch's losses / n) v, exact or Gauss-Newton (J^T Lambda J v)."""
+        obj, n = self.problem.objective, self.problem.n
+
+        def batch_loss_of_outputs(out: Tensor) -> Tensor:
+            return obj.per_example_loss(out, y).sum() / n
+
+        if self.problem.hessian == "exact":
+            g = grad(lambda th: batch_loss_of_outputs(self._forward(th, rest, x)))
+            return lambda v: jvp(g, (theta,), (v,))[1]
+        out, pullback = vjp(lambda th: self._forward(th, rest, x), theta)
+        g_out = grad(batch_loss_of_outputs)
+
+        def gn(v: dict[str, Tensor]) -> dict[str, Tensor]:
+            _, u = jvp(lambda th: self._forward(th, rest, x), (theta,), (v,))
+            _, w = jvp(g_out, (out,), (u,))
+            return pullback(w)[0]
+
+        return gn
+
+    def _vectors_per_call(self, batch_rows: int, dtype: torch.dtype) -> int:
+        p = self.problem.params.size
+        per_vec = 4 * (p + batch_rows * self.activation_size()) * torch.finfo(dtype).bits // 8
+        return max(1, self.block_bytes // per_vec)
+
+    def hvp(self, vectors: Tensor, progress: Progress | None = None) -> Tensor:
+        """(H + damping I) V for V of shape (k, p), H = hess of the full objective; one pass over
+        the training rows, computed in V's dtype. Cost: about 4 forward passes per vector per row."""
+        space, device = self.problem.params, self.problem.device
+        theta, rest = self._state(vectors.dtype)
+        out = torch.zeros_like(vectors)
+        done = 0
+        for _, x, y in self.problem.train_loader:
+            x, y = x.to(device=device, dtype=vectors.dtype if x.is_floating_point() else x.dtype), y.to(device)
+            hv = self._batch_hvp(theta, rest, x, y)
+            step = self._vectors_per_call(len(x), vectors.dtype)
+            for s in range(0, len(vectors), step):
+                tangents = space.unflatten(vectors[s : s + step])
+                out[s : s + step] += space.flatten(vmap(hv)(tangents), batched=True)
+            done += len(x)
+            if progress is not None:
+                progress(done, self.problem.n)
+        return out + (self.problem.objective.weight_decay + self.problem.damping) * vectors
+
+    def dense_hessian(self, dtype: torch.dtype = torch.float64, progress: Progress | None = None) -> Tensor:
+        """H + damping I as a dense (p, p) matrix in `dtype`: the HVP of every basis vector,
+        accumulated over one pass of the data. Symmetrized. Memory: p^2 of dtype."""
+        p = self.problem.params.size
+        eye = torch.eye(p, dtype=dtype, device=self.problem.device)
+        hess = self.hvp(eye, progress)
+        return 0.5 * (hess + hess.T)
+
+    def objective_gradient(self) -> tuple[float, Tensor]:
+        """(J(theta), grad J(theta)) of the full objective at the checkpoint; ~0 at an optimum."""
+        obj, n, device = self.problem.objective, self.problem.n, self.problem.device
+        theta, rest = self._state()
+        total = torch.zeros(self.problem.params.size, dtype=torch.float64, device=device)
+        value = 0.0
+
+        def batch_loss(th: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return obj.per_example_loss(self._forward(th, rest, x), y).sum()
+
+        for _, x, y in self.problem.train_loader:
+            g, loss = torch.func.grad_and_value(batch_loss)(theta, x.to(device), y.to(device))
+            total += self.problem.params.flatten(g).double()
+            value += float(loss)
+        flat = self.problem.params.flatten(theta).double()
+        total = total / n + obj.weight_decay * flat
+        return value / n + float(obj.regularizer(flat)), total
+
+
+def _check_finite(block: Block, ids: Sequence[str] | None) -> None:
+    bad = ~torch.isfinite(block.losses) | ~torch.isfinite(block.grads).all(dim=1)
+    if bool(bad.any()):
+        rows = block.idx[bad.cpu()].tolist()[:5]
+        names = [ids[r] for r in rows] if ids is not None else [str(r) for r in rows]
+        raise DataError(
+            f"loss or gradient is NaN/inf for rows with id {', '.join(names)}",
+            hint="check those rows' features and labels, and that the checkpoint is not diverged",
+        )

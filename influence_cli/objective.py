@@ -1,0 +1,134 @@
+"""The training objective and the parameters influence is computed over.
+
+Objective (SPEC): J(theta) = (1/n) sum_i L(z_i; theta) + 0.5 * weight_decay * ||theta||^2, the sum over
+the *selected* parameters only. Influence uses g_i = grad L(z_i) (no regularizer) and
+H = hess J + damping * I.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, DataError
+
+Task = Literal["classification", "binary", "regression"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    task: Task
+    weight_decay: float
+
+    def per_example_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Loss of each row, shape (B,): cross-entropy, logistic loss, or squared error (mean over outputs)."""
+        if self.task == "classification":
+            return F.cross_entropy(outputs, targets.long(), reduction="none")
+        if self.task == "binary":
+            return F.binary_cross_entropy_with_logits(
+                outputs.reshape(outputs.shape[0]), targets.reshape(-1).to(outputs.dtype), reduction="none"
+            )
+        diff = outputs.reshape(outputs.shape[0], -1) - targets.reshape(outputs.shape[0], -1).to(outputs.dtype)
+        return diff.square().mean(dim=1)
+
+    def regularizer(self, flat_params: Tensor) -> Tensor:
+        """0.5 * weight_decay * ||theta||^2."""
+        return 0.5 * self.weight_decay * flat_params.square().sum()
+
+    def predict(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(predicted, prob_of_given_label): class index and p(label) for classification/binary,
+        the prediction itself (first output) and None for regression."""
+        if self.task == "classification":
+            probs = outputs.softmax(dim=1)
+            return probs.argmax(dim=1), probs.gather(1, targets.long().view(-1, 1)).squeeze(1)
+        if self.task == "binary":
+            p1 = torch.sigmoid(outputs.reshape(-1))
+            pred = (p1 >= 0.5).long()
+            return pred, torch.where(targets.reshape(-1) > 0.5, p1, 1 - p1)
+        return outputs.reshape(outputs.shape[0], -1)[:, 0], None
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """The selected parameters, in a fixed order; flat vectors of length `size` index into them."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    @classmethod
+    def select(cls, model: nn.Module, spec: str | tuple[str, ...]) -> ParamSpace:
+        """`all`, `last_layer` (the parameters of the last module that owns any) or name prefixes."""
+        named = [(n, p) for n, p in model.named_parameters()]
+        if not named:
+            raise DataError("the model has no parameters")
+        if spec == "all":
+            chosen = [n for n, _ in named]
+        elif spec == "last_layer":
+            owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+            last = {id(p) for p in owners[-1].parameters(recurse=False)}
+            chosen = [n for n, p in named if id(p) in last]
+        else:
+            chosen = []
+            for prefix in spec:
+                hits = [n for n, _ in named if _matches(n, prefix)]
+                if not hits:
+                    some = ", ".join(n for n, _ in named[:8])
+                    raise ConfigError(f"params: prefix {prefix!r} matches no parameter", hint=f"names start: {some}")
+                chosen += [n for n in hits if n not in chosen]
+            order = {n: i for i, (n, _) in enumerate(named)}
+            chosen.sort(key=order.__getitem__)
+        shapes = dict(named)
+        return cls(tuple(chosen), tuple(shapes[n].shape for n in chosen))
+
+    def values(self, model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Detached copies of the selected parameters (optionally cast)."""
+        params = dict(model.named_parameters())
+        return {n: params[n].detach().to(dtype or params[n].dtype) for n in self.names}
+
+    def flatten(self, tensors: dict[str, Tensor], batched: bool = False) -> Tensor:
+        """dict of (*shape) -> (p,), or with batched=True dict of (B, *shape) -> (B, p)."""
+        if batched:
+            return torch.cat([tensors[n].reshape(tensors[n].shape[0], -1) for n in self.names], dim=1)
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """(p,) -> dict of (*shape); (k, p) -> dict of (k, *shape)."""
+        lead = flat.shape[:-1]
+        out, start = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            stop = start + shape.numel()
+            out[name] = flat[..., start:stop].reshape(*lead, *shape)
+            start = stop
+        return out
+
+
+@dataclass
+class Problem:
+    """Everything a solver may read: the model at the checkpoint, the objective, the selected
+    parameters, the training rows (a re-iterable loader of (row_idx, x, y)), n and the damping."""
+
+    model: nn.Module
+    objective: Objective
+    params: ParamSpace
+    train_loader: Iterable[tuple[Tensor, Tensor, Tensor]]
+    n: int
+    damping: float
+    hessian: Literal["exact", "gauss_newton"] = "exact"
+    seed: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")

@@ -1,0 +1,402 @@
+"""The commands as library calls: load inputs, fit the solver, stream gradients, build reports.
+
+Each public function takes a validated Config and an optional progress callback
+`progress(phase, done, total)`, never prints, and returns a `Report` (tables, summary, manifest,
+warnings); the CLI writes and renders it. Phases are timed for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from . import report
+from .config import Config
+from .data import Split, load_split, make_loader, validate_labels
+from .errors import ConfigError
+from .gradients import BLOCK_BYTES, GradientSource
+from .models import build_model, load_model, output_width, resolve_device, save_checkpoint, sha256_file
+from .objective import Objective, ParamSpace, Problem
+from .scores import flag_rows, loss_change_if_removed, self_influence
+from .solvers import SOLVERS, make_solver
+from .train import minimize
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Report:
+    tables: dict[str, pd.DataFrame]
+    summary: dict[str, Any]
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    cfg: Config
+    device: torch.device
+    train: Split
+    test: Split | None
+    problem: Problem
+    checkpoint_sha256: str | None
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def load_inputs(cfg: Config, *, need_test: bool = False, fresh_model: bool = False) -> Inputs:
+    """Data, model (checkpoint unless fresh_model), labels validated, the Problem assembled."""
+    device = resolve_device(cfg.device)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    torch.manual_seed(cfg.seed)
+    train = load_split(cfg.data.train, "train", cfg.task)
+    test = None
+    if need_test:
+        if cfg.data.test is None:
+            raise ConfigError("data.test: required for this command", hint="add a data.test block like data.train")
+        test = load_split(cfg.data.test, "test", cfg.task, classes=train.classes)
+    if fresh_model:
+        model = build_model(cfg.model).to(device=device, dtype=dtype).eval()
+        sha = None
+    else:
+        model = load_model(cfg.model, device, dtype)
+        sha = sha256_file(cfg.model.checkpoint)
+    width = output_width(model, train.dataset[0][0].unsqueeze(0).to(device=device, dtype=dtype))
+    for split in (train, test):
+        if split is not None:
+            validate_labels(split, cfg.task, width)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = ParamSpace.select(model, cfg.params)
+    loader = _Cast(make_loader(train, cfg.batch_size), dtype)
+    problem = Problem(model=model, objective=Objective(cfg.task, cfg.weight_decay), params=params,
+                      train_loader=loader, n=train.n, damping=cfg.solver.damping, hessian=cfg.solver.hessian,
+                      seed=cfg.seed)
+    return Inputs(cfg, device, train, test, problem, sha)
+
+
+def selfcheck(cfg: Config, progress: ProgressFn | None = None) -> Report:
+    """Self-influence g_i^T H^-1 g_i of every training row, ranked, with a flag for likely errors."""
+    timer = Timer()
+    with timer("load"):
+        inp = load_inputs(cfg)
+    problem, train = inp.problem, inp.train
+    source = GradientSource(problem)
+    with timer("checkpoint_gradient"):
+        value, grad_j = source.objective_gradient()
+    with timer("fit"):
+        solver = make_solver(cfg.solver).fit(problem, _phase(progress, "fit"))
+    n = train.n
+    si, loss = np.zeros(n), np.zeros(n)
+    pred = np.zeros(n) if cfg.task == "regression" else np.zeros(n, dtype=np.int64)
+    prob = None if cfg.task == "regression" else np.zeros(n)
+    with timer("score"):
+        for block in source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n):
+            rows = block.idx.numpy()
+            si[rows] = self_influence(block.grads, solver).cpu().numpy()
+            loss[rows] = block.losses.detach().double().cpu().numpy()
+            p_hat, p_label = problem.objective.predict(block.outputs, block.targets)
+            pred[rows] = p_hat.detach().cpu().numpy()
+            if prob is not None:
+                prob[rows] = p_label.detach().double().cpu().numpy()
+    labels = train.labels.numpy()
+    mismatch = None if cfg.task == "regression" else pred != labels.reshape(n)
+    flagged = flag_rows(si, mismatch, cfg.selfcheck)
+    label_names = train.label_names(train.labels)
+    predicted = train.label_names(torch.from_numpy(pred)) if cfg.task != "regression" else pred
+    suggested = None
+    if cfg.task != "regression":
+        suggested = np.where(flagged, np.asarray(predicted, dtype=object), "")
+    table = report.selfcheck_table(train.ids, label_names, predicted, prob, loss, si, flagged, suggested, train.extra)
+    summary = {
+        "command": "selfcheck", "n": n, "parameters": problem.params.size, "solver": cfg.solver.name,
+        "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
+        "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
+    }
+    if mismatch is not None:
+        summary["train_accuracy"] = float(1 - mismatch.mean())
+    return _finish("selfcheck", inp, solver, timer, summary, {"selfcheck.csv": table})
+
+
+def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
+         test_ids: Sequence[str] | None = None) -> Report:
+    """loss_change_if_removed of every training row on each selected test row (top K each way)
+    and on the mean loss of the selected test rows (every training row)."""
+    if top < 1:
+        raise ConfigError(f"--top: must be >= 1, got {top}")
+    timer = Timer()
+    with timer("load"):
+        inp = load_inputs(cfg, need_test=True)
+    problem, train, test = inp.problem, inp.train, inp.test
+    assert test is not None
+    rows = _select_test_rows(test, test_ids)
+    source = GradientSource(problem)
+    with timer("checkpoint_gradient"):
+        value, grad_j = source.objective_gradient()
+    with timer("fit"):
+        solver = make_solver(cfg.solver).fit(problem, _phase(progress, "fit"))
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    test_loader = _Cast(_only_rows(make_loader(test, cfg.batch_size), rows, test.n), dtype)
+    p, t_count, n = problem.params.size, len(rows), train.n
+    with timer("test_gradients"):
+        kept: dict[int, Tensor] = {}
+        total = torch.zeros(p, dtype=torch.float64, device=inp.device)
+        keep_all = t_count * p * 8 <= BLOCK_BYTES
+        test_loss = 0.0
+        for block in source.per_example(test_loader, test.ids):
+            total += block.grads.double().sum(0)
+            test_loss += float(block.losses.double().sum())
+            if keep_all:
+                kept.update(zip(block.idx.tolist(), block.grads.double()))
+        mean_grad = total / t_count
+    k = min(top, n)
+    helpful = (torch.full((t_count, k), -math.inf, dtype=torch.float64), torch.zeros((t_count, k), dtype=torch.long))
+    harmful = (torch.full((t_count, k), math.inf, dtype=torch.float64), torch.zeros((t_count, k), dtype=torch.long))
+    overall = np.zeros(n)
+    per_block = max(1, BLOCK_BYTES // (8 * p))
+    position = {r: i for i, r in enumerate(rows)}
+    with timer("score"):
+        for start in range(0, t_count, per_block):
+            block_rows = rows[start : start + per_block]
+            if keep_all:
+                grads = torch.stack([kept[r] for r in block_rows])
+            else:
+                sub = _Cast(_only_rows(make_loader(test, cfg.batch_size), block_rows, test.n), dtype)
+                got = {r: g for b in source.per_example(sub, test.ids) for r, g in zip(b.idx.tolist(), b.grads)}
+                grads = torch.stack([got[r] for r in block_rows]).double()
+            first = start == 0
+            targets = torch.cat([grads, mean_grad[None]]) if first else grads
+            ihvp = solver.ihvp(targets)
+            lo, hi = start, start + len(block_rows)
+            for b in source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n):
+                scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
+                if first:
+                    overall[b.idx.numpy()] = scores[-1].numpy()
+                    scores = scores[:-1]
+                _merge_top(helpful, lo, hi, scores, b.idx, largest=True)
+                _merge_top(harmful, lo, hi, scores, b.idx, largest=False)
+    del position
+    test_label_names = test.label_names(test.labels[rows])
+    train_names = train.label_names(train.labels)
+    tables = {
+        "helpful.csv": _pair_table(test, rows, test_label_names, train, train_names, helpful, descending=True),
+        "harmful.csv": _pair_table(test, rows, test_label_names, train, train_names, harmful, descending=False),
+    }
+    order = report.order_asc(overall)
+    overall_table = pd.DataFrame({"rank": np.arange(1, n + 1), "id": np.asarray(train.ids, dtype=object)[order],
+                                  "label": np.asarray(train_names, dtype=object)[order],
+                                  "loss_change_if_removed": overall[order]}, columns=report.OVERALL_COLUMNS)
+    tables["overall.csv"] = report.with_extra(overall_table, train.extra, order)
+    summary = {
+        "command": "rank", "n": n, "test_examples": t_count, "parameters": p, "solver": cfg.solver.name,
+        "top": k, "mean_test_loss": test_loss / t_count,
+        "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
+        "most_harmful": [train.ids[i] for i in order[: min(5, n)]],
+        "most_helpful": [train.ids[i] for i in order[::-1][: min(5, n)]],
+    }
+    return _finish("rank", inp, solver, timer, summary, tables)
+
+
+def train(cfg: Config, progress: ProgressFn | None = None) -> Report:
+    """Train the configured model from a seeded initialization; the CLI saves the checkpoint."""
+    if cfg.model.checkpoint is None:
+        raise ConfigError("model.checkpoint: required by `infl train` (where to write the weights)")
+    timer = Timer()
+    with timer("load"):
+        inp = load_inputs(cfg, fresh_model=True)
+    model, problem = inp.problem.model, inp.problem
+    final_dtype = next(model.parameters()).dtype
+    # L-BFGS's line search needs float64 to reach a small gradient norm; the checkpoint keeps the model dtype
+    dtype = torch.float64 if cfg.train.optimizer == "lbfgs" else final_dtype
+    model.to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shuffled = _Cast(make_loader(inp.train, cfg.batch_size, shuffle=True, generator=generator), dtype)
+    with timer("train"):
+        result = minimize(model, list(model.parameters()), problem.objective, _Cast(make_loader(inp.train, cfg.batch_size), dtype),
+                          problem.n, cfg.train, shuffled=shuffled, progress=_phase(progress, "train"))
+    model.to(final_dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with timer("save"):
+        save_checkpoint(model, cfg.model.checkpoint)
+    summary = {"command": "train", "n": problem.n, "parameters": sum(p.numel() for p in model.parameters()),
+               "optimizer": cfg.train.optimizer, "objective": result.objective, "grad_norm": result.grad_norm,
+               "iterations": result.iterations, "converged": result.converged,
+               "checkpoint": str(cfg.model.checkpoint)}
+    warnings = []
+    if not result.converged:
+        warnings.append(f"training stopped at gradient norm {result.grad_norm:.3g} > train.tol={cfg.train.tol:g}"
+                        " after the last epoch: influence assumes an optimum; raise train.epochs")
+    return Report({}, summary, {"phases": timer.phases}, warnings)
+
+
+def check(cfg: Config) -> Report:
+    """Validate the config, load data and model, estimate the solver's time and memory; no heavy work."""
+    timer = Timer()
+    with timer("load"):
+        inp = load_inputs(cfg, need_test=cfg.data.test is not None)
+    problem, n, p = inp.problem, inp.train.n, inp.problem.params.size
+    source = GradientSource(problem)
+    idx, x, y = next(iter(problem.train_loader))
+    sample = _Rows(idx[:32], x[:32], y[:32])
+    start = time.perf_counter()
+    for _ in source.per_example(sample):
+        pass
+    per_row = (time.perf_counter() - start) / len(sample.idx)
+    name = "direct" if cfg.solver.name == "auto" else cfg.solver.name
+    estimates = {}
+    for solver_name, cls in SOLVERS.items():
+        cost = cls.estimate(cfg.solver, n, p)
+        estimates[solver_name] = {"memory_bytes": cost.memory_bytes, "fit_seconds": round(cost.fit_flops / _flops(), 2),
+                                  "note": cost.note}
+    summary = {"command": "check", "n": n, "n_test": inp.test.n if inp.test else None, "parameters": p,
+               "parameters_total": sum(q.numel() for q in problem.model.parameters()),
+               "selected": list(problem.params.names), "solver": name, "device": str(inp.device),
+               "gradient_seconds": round(per_row * n, 2), "solver_estimates": estimates,
+               "config": cfg.to_dict()}
+    return Report({}, summary, {"phases": timer.phases})
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    idx: Tensor
+    x: Tensor
+    y: Tensor
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        yield self.idx, self.x, self.y
+
+
+class _Cast:
+    """A re-iterable loader whose floating inputs are cast to the compute dtype."""
+
+    def __init__(self, loader: Any, dtype: torch.dtype) -> None:
+        self.loader, self.dtype = loader, dtype
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for idx, x, y in self.loader:
+            yield idx, (x.to(self.dtype) if x.is_floating_point() else x), y
+
+
+class _only_rows:  # noqa: N801 - used like a function
+    """Re-iterable filter of a loader to the given rows (in loader order)."""
+
+    def __init__(self, loader: Any, rows: Sequence[int], n: int) -> None:
+        self.loader = loader
+        self.mask = torch.zeros(n, dtype=torch.bool)
+        self.mask[list(rows)] = True
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for idx, x, y in self.loader:
+            keep = self.mask[idx]
+            if bool(keep.any()):
+                yield idx[keep], x[keep], y[keep]
+
+
+def _select_test_rows(test: Split, test_ids: Sequence[str] | None) -> list[int]:
+    if not test_ids:
+        return list(range(test.n))
+    where = {i: r for r, i in enumerate(test.ids)}
+    rows = []
+    for tid in dict.fromkeys(test_ids):
+        if tid not in where:
+            import difflib
+
+            close = difflib.get_close_matches(tid, test.ids, n=1)
+            raise ConfigError(f"--test-ids: {tid!r} is not an id of data.test",
+                              hint=f"did you mean {close[0]!r}?" if close else "ids are the data.test id column")
+        rows.append(where[tid])
+    return rows
+
+
+def _merge_top(state: tuple[Tensor, Tensor], lo: int, hi: int, scores: Tensor, idx: Tensor, largest: bool) -> None:
+    values, rows = state
+    cand_v = torch.cat([values[lo:hi], scores.to(torch.float64)], dim=1)
+    cand_i = torch.cat([rows[lo:hi], idx.expand(hi - lo, -1)], dim=1)
+    k = values.shape[1]
+    best, pos = torch.topk(cand_v, k, dim=1, largest=largest, sorted=False)
+    values[lo:hi] = best
+    rows[lo:hi] = torch.gather(cand_i, 1, pos)
+
+
+def _pair_table(test: Split, rows: list[int], test_labels: list, train: Split, train_names: list,
+                state: tuple[Tensor, Tensor], descending: bool) -> pd.DataFrame:
+    values, idx = state[0].numpy(), state[1].numpy()
+    records = []
+    names = np.asarray(train_names, dtype=object)
+    ids = np.asarray(train.ids, dtype=object)
+    for t, r in enumerate(rows):
+        order = np.lexsort((idx[t], -values[t] if descending else values[t]))
+        for rank_, j in enumerate(order, start=1):
+            records.append((test.ids[r], test_labels[t], rank_, ids[idx[t, j]], names[idx[t, j]], values[t, j],
+                            idx[t, j]))
+    frame = pd.DataFrame.from_records(records, columns=[*report.PAIR_COLUMNS, "_row"])
+    rows_used = frame.pop("_row").to_numpy()
+    return report.with_extra(frame, train.extra, rows_used)
+
+
+def _finish(command: str, inp: Inputs, solver: Any, timer: Timer, summary: dict[str, Any],
+            tables: dict[str, pd.DataFrame]) -> Report:
+    described = solver.describe()
+    warnings = list(described.pop("warnings", []))
+    grad_norm = summary.get("grad_norm_at_checkpoint", 0.0)
+    if grad_norm > 1e-3:
+        warnings.append(f"the checkpoint is not at a minimum of the objective (gradient norm {grad_norm:.3g}):"
+                        " influence assumes one; retrain to convergence (`infl train`) or raise solver.damping")
+    manifest = {
+        "command": command, "config": inp.cfg.to_dict(), "versions": report.environment(),
+        "checkpoint_sha256": inp.checkpoint_sha256,
+        "datasets": {"train": {"fingerprint": inp.train.fingerprint, "n": inp.train.n}}
+        | ({"test": {"fingerprint": inp.test.fingerprint, "n": inp.test.n}} if inp.test else {}),
+        "n": inp.train.n, "parameters": inp.problem.params.size, "parameter_names": list(inp.problem.params.names),
+        "device": str(inp.device), "solver": described, "phases_seconds": timer.phases,
+        "memory": report.peak_memory(), "summary": summary, "warnings": warnings,
+        "run_id": hashlib.sha256(repr((command, time.time())).encode()).hexdigest()[:12],
+    }
+    summary["solver_details"] = described
+    summary["phases_seconds"] = timer.phases
+    return Report(tables, summary, manifest, warnings)
+
+
+def _phase(progress: ProgressFn | None, name: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(name, done, total)
+
+
+_FLOPS: list[float] = []
+
+
+def _flops() -> float:
+    """float64 matmul speed of this device, measured once (for estimates only)."""
+    if not _FLOPS:
+        a = torch.randn(512, 512, dtype=torch.float64)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        _FLOPS.append(4 * 2 * 512**3 / max(time.perf_counter() - start, 1e-6))
+    return _FLOPS[0]

@@ -1,0 +1,100 @@
+"""Direct solver: the exact (p, p) Hessian in float64, factored once.
+
+Method: H + damping I is formed column-block by column-block from forward-over-reverse HVPs in one
+pass over the data (cost ~ n p^2, memory 8 p^2 bytes), then Cholesky-factored in place, L L^T = H.
+Self-influence is ||L^-1 g||^2 (a triangular solve per batch of rows, no per-row solve) and
+H^-1 v = cholesky_solve. If H is not positive definite (a non-convex model, little damping), it is
+eigendecomposed instead: negative eigenvalues are replaced by their absolute value (the saddle-free
+convention) and tiny ones raised to a floor of 1e-10 * max |eigenvalue|; both counts are reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import Tensor
+
+from ..config import SolverConfig
+from ..errors import ConfigError
+from ..gradients import GradientSource
+from ..objective import Problem
+from .base import Cost, Progress, gib, memory_limit, require_fitted
+
+EIGEN_FLOOR = 1e-10
+CONDITION_MAX_P = 6000  # eigenvalues for the condition number only up to this size (they cost ~p^3)
+
+
+class DirectSolver:
+    name: ClassVar[str] = "direct"
+
+    def __init__(self, config: SolverConfig) -> None:
+        self.config = config
+        self._chol: Tensor | None = None  # lower-triangular L, or None in eigen mode
+        self._eig: tuple[Tensor, Tensor] | None = None  # (eigenvalues used, eigenvectors)
+        self._info: dict[str, Any] = {}
+
+    @classmethod
+    def estimate(cls, config: SolverConfig, n: int, p: int) -> Cost:
+        return Cost(memory_bytes=8 * p * p + 2**27, fit_flops=4.0 * n * p * p + p**3 / 3,
+                    note="exact Hessian, float64")
+
+    def fit(self, problem: Problem, progress: Progress | None = None) -> Self:
+        p = problem.params.size
+        need = self.estimate(self.config, problem.n, p).memory_bytes
+        limit = memory_limit(self.config, problem.device)
+        if need > limit:
+            raise ConfigError(
+                f"solver.name: direct needs {gib(need)} for the {p}x{p} Hessian but {gib(limit)} is available",
+                hint="use params: last_layer, a solver for large models, or raise solver.memory_limit_gb",
+            )
+        source = GradientSource(problem)
+        hess = source.dense_hessian(torch.float64, progress)
+        self._info = {"p": p, "hessian": problem.hessian, "damping": problem.damping}
+        if p <= CONDITION_MAX_P:
+            eig = torch.linalg.eigvalsh(hess)
+            self._info.update(eig_min=float(eig[0]), eig_max=float(eig[-1]),
+                              condition_number=float(eig[-1].abs() / eig.abs().min().clamp_min(1e-300)))
+        _, info = torch.linalg.cholesky_ex(hess, out=(hess, torch.empty((), dtype=torch.int32, device=hess.device)))
+        if int(info) == 0:
+            self._chol, self._eig = hess, None
+            self._info["factorization"] = "cholesky"
+            return self
+        del hess  # the failed in-place factorization destroyed it: form it again
+        hess = source.dense_hessian(torch.float64, progress)
+        values, vectors = torch.linalg.eigh(hess)
+        del hess
+        floor = EIGEN_FLOOR * float(values.abs().max())
+        negative = int((values < -floor).sum())
+        tiny = int((values.abs() < floor).sum())
+        used = values.abs().clamp_min(floor)
+        self._chol, self._eig = None, (used, vectors)
+        self._info.update(factorization="eigen", negative_eigenvalues=negative, tiny_eigenvalues=tiny,
+                          eigen_floor=floor, eig_min=float(values[0]), eig_max=float(values[-1]))
+        self._info["warnings"] = [
+            f"the Hessian is not positive definite: {negative} negative eigenvalues (used their absolute"
+            f" value) and {tiny} below {floor:.3g} (raised to it); raise solver.damping or use"
+            " solver.hessian: gauss_newton for a positive-definite curvature"
+        ]
+        return self
+
+    def ihvp(self, v: Tensor) -> Tensor:
+        """(H + damping I)^-1 v for v of shape (k, p); float64 result."""
+        v64 = v.to(torch.float64)
+        if self._eig is not None:
+            values, vectors = self._eig
+            return ((v64 @ vectors) / values) @ vectors.T
+        chol = require_fitted(self, "_chol")
+        return torch.cholesky_solve(v64.T, chol).T
+
+    def half_ihvp(self, v: Tensor) -> Tensor:
+        """A v with A^T A = (H + damping I)^-1, so g^T H^-1 g = ||A g||^2. (k, p) -> (k, p), float64."""
+        v64 = v.to(torch.float64)
+        if self._eig is not None:
+            values, vectors = self._eig
+            return (v64 @ vectors) * values.rsqrt()
+        chol = require_fitted(self, "_chol")
+        return torch.linalg.solve_triangular(chol, v64.T, upper=False).T
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self._info}
