@@ -1,0 +1,555 @@
+"""Load a train or test split from any configured `format` into one `Split`; label checks; fast loaders.
+
+Formats: csv and parquet (pandas; features in one float32 tensor), tensors (.pt loaded with
+`weights_only=True`, or .npz without pickle), imagefolder and torchvision (images decoded lazily,
+with transforms from the config), python ("package.module:function" returning a Dataset; runs
+user code on purpose). Every error names the dotted key (`data.train.label`), the file, and up to
+5 row ids. Inputs not held in memory (imagefolder, torchvision, python) are checked for NaN later,
+in the gradient pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
+
+from .config import SplitConfig
+from .errors import ConfigError, DataError
+
+TASKS = ("classification", "binary", "regression")
+_SHOWN = 5  # row ids named in a message
+_EDGE = 64 * 1024  # bytes hashed from each end of an image file
+
+
+@dataclass(frozen=True)
+class Split:
+    """One loaded split. Row i is `ids[i]`, `labels[i]`, `dataset[i]` and `extra.iloc[i]`.
+
+    `labels` is int64 (classification), float32 0/1 (binary) or float32 (n,) / (n, k) (regression);
+    `dataset[i]` is `(x float32, labels[i])`. `classes[j]` names integer label j when the labels
+    were strings or class folders. `fingerprint` is a sha256 of the content and of the settings
+    that change it (not of the path, so a moved file keeps it). `task` was added to the brief's
+    fields so `label_names` can print binary labels as ints.
+    """
+
+    role: str
+    ids: list[str]
+    labels: torch.Tensor
+    dataset: Dataset
+    fingerprint: str
+    extra: pd.DataFrame
+    group: str | None = None
+    classes: list[str] | None = None
+    task: str = "classification"
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def label_names(self, labels: torch.Tensor | np.ndarray) -> list:
+        """Labels (or predicted labels) as report values: class names, ints, or floats.
+
+        Regression floats keep float32's shortest repr (0.1, not 0.10000000149); rows of (n, k) become lists.
+        """
+        arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if self.task == "regression":
+            arr = arr.astype(np.float32)
+            return [float(str(v)) for v in arr] if arr.ndim == 1 else [[float(str(v)) for v in r] for r in arr]
+        ints = [int(v) for v in arr.reshape(-1)]
+        if self.classes is None:
+            return ints
+        return [self.classes[i] if 0 <= i < len(self.classes) else i for i in ints]
+
+
+class TensorRows(Dataset):
+    """An in-memory dataset: `x` (n, ...) float32 and labels (n, ...); `make_loader` slices it per batch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+class LabeledDataset(Dataset):
+    """Wraps a lazy dataset so each item is `(x as float32 tensor, labels[i])`, whatever the source gives."""
+
+    def __init__(self, base: Any, labels: torch.Tensor) -> None:
+        self.base, self.labels = base, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.base[i][0]
+        if not isinstance(x, (torch.Tensor, np.ndarray, list, tuple, int, float)):  # a PIL image
+            from torchvision.transforms.functional import to_tensor
+
+            x = to_tensor(x)
+        return torch.as_tensor(x, dtype=torch.float32), self.labels[i]
+
+
+class _Raw(NamedTuple):
+    """What a format reader finds, before labels are mapped and checked."""
+
+    ids: list[str]
+    targets: Any  # label values as stored: numbers, strings, or integer indices into `names`
+    names: list[str] | None  # names[j] names integer target j (class folders, a dataset's .classes)
+    base: Any  # x (n, ...) float32 in memory, or a lazy dataset whose items are (x, _)
+    content: bytes  # digest of the data files; labels and settings are hashed by load_split
+    extra: pd.DataFrame | None = None
+
+
+def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None = None) -> Split:
+    """Load `data.<role>`. For the test split pass the train split's `classes`, so string labels
+    and class folders map to the same integers; a test label train never saw is a DataError.
+
+    The fingerprint hashes the data files, the mapped labels and classes, the task and every
+    setting but the path.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"task: expected one of {' | '.join(TASKS)}, got {task!r}")
+    key = f"data.{role}"
+    if cfg.format not in ("csv", "parquet", "tensors") and (cfg.group or cfg.carry):
+        raise ConfigError(f"{key}.group/carry: only csv, parquet and tensors data have extra columns")
+    if cfg.format not in ("csv", "parquet") and cfg.features is not None:
+        raise ConfigError(f"{key}.features: only csv and parquet data have feature columns")
+    reader = {"csv": _tabular, "parquet": _tabular, "tensors": _tensors, "imagefolder": _imagefolder,
+              "torchvision": _torchvision, "python": _python}[cfg.format]
+    raw = reader(cfg, key)
+    if not raw.ids:
+        raise DataError(f"{key}: the dataset at {cfg.path or cfg.function} has no rows", hint="check the file")
+    index = pd.Index(raw.ids)
+    if not index.is_unique:
+        shown = ", ".join(repr(d) for d in index[index.duplicated()].unique()[:_SHOWN])
+        raise DataError(f"{key}.id: duplicate ids {shown}", hint="each row needs its own id")
+    labels, names = _labels(raw.targets, raw.ids, key, task, classes, raw.names)
+    in_memory = isinstance(raw.base, torch.Tensor)
+    dataset = TensorRows(raw.base, labels) if in_memory else LabeledDataset(raw.base, labels)
+    extra = raw.extra if raw.extra is not None else pd.DataFrame(index=pd.RangeIndex(len(raw.ids)))
+    digest = hashlib.sha256(raw.content + labels.numpy().tobytes())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "path"}
+    digest.update(json.dumps([settings, task, names], sort_keys=True, default=str).encode())
+    return Split(role, raw.ids, labels, dataset, digest.hexdigest(), extra, cfg.group, names, task)
+
+
+def validate_labels(split: Split, task: str, num_outputs: int) -> None:
+    """Check the labels fit a model with `num_outputs` outputs; DataError naming up to 5 rows."""
+    key, y = f"data.{split.role}", split.labels
+    if task == "regression":
+        width = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
+        if width != num_outputs:
+            raise DataError(f"{key}: labels have width {width} but the model has {num_outputs} outputs",
+                            hint="make the model's last layer match the label width (model.kwargs)")
+        return
+    if task == "binary" and num_outputs != 1:
+        raise DataError(f"{key}: task binary needs a model with 1 output (one logit), this one has {num_outputs}",
+                        hint="set model.kwargs.num_classes: 1")
+    bad = ((y != 0) & (y != 1)) if task == "binary" else ((y < 0) | (y >= num_outputs))
+    rows = torch.nonzero(bad).flatten().tolist()
+    if not rows:
+        return
+    i = rows[0]
+    first = f"label {split.label_names(y[i:i + 1])[0]} of row id {split.ids[i]!r}"
+    more = f" (and row ids {_name_rows(split.ids, rows[1:], _SHOWN - 1)})" if len(rows) > 1 else ""
+    if task == "binary":
+        raise DataError(f"{key}: {first}{more} is not 0 or 1, as task binary needs")
+    raise DataError(f"{key}: {first}{more} is out of range for a model with {num_outputs} classes "
+                    "(model.kwargs.num_classes)", hint="raise model.kwargs.num_classes or fix the labels")
+
+
+def make_loader(split: Split, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """Batches `(row_idx (B,) int64, x (B, ...), y (B, ...))`, in row order unless `shuffle`.
+
+    In-memory data comes out a batch at a time with no per-row Python work: in row order the x and
+    y of a batch are views of the split's tensors (do not write to them), shuffled they are one
+    index_select. Lazy data is read row by row in this process (num_workers=0).
+    """
+    fast = isinstance(split.dataset, TensorRows)
+    rows: Dataset = _SlicedRows(split.dataset, not shuffle) if fast else _IndexedRows(split.dataset)
+    sampler = RandomSampler(rows, generator=generator) if shuffle else SequentialSampler(rows)
+    return DataLoader(rows, batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                      collate_fn=_identity if fast else default_collate, num_workers=0)
+
+
+class _SlicedRows(Dataset):
+    """One whole batch per call: a view when the rows are in order, else one index_select."""
+
+    def __init__(self, data: TensorRows, in_order: bool) -> None:
+        self.data, self.in_order = data, in_order
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.in_order:
+            start, stop = indices[0], indices[-1] + 1
+            return torch.arange(start, stop), self.data.x[start:stop], self.data.y[start:stop]
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return idx, self.data.x.index_select(0, idx), self.data.y.index_select(0, idx)
+
+
+class _IndexedRows(Dataset):
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, Any, Any]:
+        x, y = self.data[i]
+        return i, x, y
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+# ---- formats: each reads `data.<role>` into a _Raw
+
+
+def _tabular(cfg: SplitConfig, key: str) -> _Raw:
+    path = _existing(cfg.path, f"{key}.path", file=True)
+    try:
+        ids_as_text = {cfg.id: str} if cfg.id else None
+        df = pd.read_csv(path, dtype=ids_as_text) if cfg.format == "csv" else pd.read_parquet(path)
+    except Exception as e:  # pandas/pyarrow raise many types for unreadable files
+        raise ConfigError(f"{key}.path: cannot read {path} as {cfg.format} ({type(e).__name__}: {e})",
+                          hint=f"check the file, or set {key}.format") from e
+    df.columns = cols = [str(c) for c in df.columns]
+    _require(key, {**_named(cfg), "features": list(cfg.features or [])}, cols, "column", path.name)
+    ids = _ids(df[cfg.id], key) if cfg.id else [str(i) for i in range(len(df))]
+    taken = {cfg.label, cfg.id, cfg.group, *cfg.carry}
+    clash = [c for c in cfg.features or () if c in taken]
+    if clash:
+        raise ConfigError(f"{key}.features: {clash[0]!r} is also the label, id, group or a carry column")
+    features = list(cfg.features) if cfg.features is not None else [c for c in cols if c not in taken]
+    if not features:
+        raise ConfigError(f"{key}.features: no feature columns left in {path.name}", hint="list them in features")
+    x = _numeric_features(df[features], ids, key)
+    extra = df[_extra_names(cfg)].reset_index(drop=True)
+    return _Raw(ids, df[cfg.label].to_numpy(), None, x, _hash_file(path), extra)
+
+
+def _tensors(cfg: SplitConfig, key: str) -> _Raw:
+    """A dict saved by torch.save (.pt/.pth) or numpy.savez (.npz). The labels are under
+    `data.<role>.label`; when that is the default "label" and the file has no such key, under "y"."""
+    path = _existing(cfg.path, f"{key}.path", file=True)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                data: Any = {k: f[k] for k in f.files}
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{key}.path: cannot read {path} as a tensors file ({type(e).__name__}: {e})",
+                          hint="save a dict of tensors with torch.save, or arrays with numpy.savez") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}.path: {path} holds a {type(data).__name__}, not a dict of tensors",
+                          hint=f"save {{'{cfg.x_key}': x, 'y': y}}")
+    if cfg.label == "label" and "label" not in data and "y" in data:
+        cfg = dataclasses.replace(cfg, label="y")
+    _require(key, {"x_key": [cfg.x_key], **_named(cfg)}, [str(k) for k in data], "key", path.name)
+    try:
+        x = torch.as_tensor(np.asarray(data[cfg.x_key]), dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{key}.x_key: {cfg.x_key!r} in {path.name} is not a numeric array ({e})") from e
+    if x.ndim == 0:
+        raise DataError(f"{key}.x_key: {cfg.x_key!r} in {path.name} is a scalar, not an array (n, ...)")
+    n = len(x)
+    columns = {name: _to_numpy(data[name]) for name in (cfg.label, cfg.id, cfg.group, *cfg.carry) if name}
+    for name, col in columns.items():
+        if len(col) != n:
+            raise DataError(f"{key}: {name!r} in {path.name} has {len(col)} rows but {cfg.x_key!r} has {n}")
+    ids = _ids(pd.Series(columns[cfg.id]), key) if cfg.id else [str(i) for i in range(n)]
+    bad = torch.nonzero(~torch.isfinite(_flat(x)).all(1)).flatten().tolist()
+    if bad:
+        raise DataError(f"{key}: NaN or inf in {cfg.x_key!r} at row ids {_name_rows(ids, bad)}", hint="fix the data")
+    extra = pd.DataFrame({c: columns[c] for c in _extra_names(cfg)}, index=pd.RangeIndex(n))
+    return _Raw(ids, columns[cfg.label], None, x, _hash_file(path), extra)
+
+
+def _imagefolder(cfg: SplitConfig, key: str) -> _Raw:
+    """Fingerprint: per image its relative path, size and first and last 64 KiB, not every byte,
+    so a large folder hashes in seconds; an edit that keeps size and both ends is not seen."""
+    from torchvision.datasets import ImageFolder
+
+    root = _existing(cfg.path, f"{key}.path", file=False)
+    try:
+        ds = ImageFolder(str(root), transform=_transform(cfg))
+    except FileNotFoundError as e:
+        raise DataError(f"{key}: no images in {root} ({e})", hint="put images in one sub-folder per class") from e
+    files = [Path(p) for p, _ in ds.samples]
+    return _Raw([p.relative_to(root).as_posix() for p in files], ds.targets, list(ds.classes), ds,
+                _hash_tree(root, files))
+
+
+def _torchvision(cfg: SplitConfig, key: str) -> _Raw:
+    """Built from local files, never downloaded; `data.<role>.kwargs` go to the class too. Ids are
+    row indices. Fingerprint: the dataset's own folder (raw_folder, base_folder or root/<name>) as
+    for imagefolder, and the labels."""
+    import torchvision.datasets as tvd
+
+    if cfg.name not in tvd.__all__ or not inspect.isclass(getattr(tvd, cfg.name, None)):
+        close = difflib.get_close_matches(str(cfg.name), tvd.__all__, n=3)
+        raise ConfigError(f"{key}.name: {cfg.name!r} is not a torchvision dataset",
+                          hint=f"did you mean {', '.join(close)}?" if close else "for example MNIST or CIFAR10")
+    cls, split, root = getattr(tvd, cfg.name), cfg.split or key.split(".")[-1], Path(str(cfg.path))
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {**cfg.kwargs, "root": str(root), "transform": _transform(cfg)}
+    if "download" in params:
+        kwargs["download"] = False
+    if "train" in params:
+        if split not in ("train", "test"):
+            raise ConfigError(f"{key}.split: {cfg.name} has only train and test splits, got {split!r}")
+        kwargs["train"] = split == "train"
+    elif "split" in params:
+        kwargs["split"] = split
+    try:
+        ds = cls(**kwargs)
+    except (RuntimeError, OSError) as e:
+        reason = str(e).split(". ")[0]
+        raise ConfigError(f"{key}.path: torchvision dataset {cfg.name} ({split}) not found under {root} ({reason})",
+                          hint="infl never downloads: put the dataset's files there (for example with "
+                               f"torchvision.datasets.{cfg.name}(root, download=True) once)") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot build torchvision.datasets.{cfg.name} ({e})",
+                          hint=f"check {key}.split and {key}.kwargs") from e
+    targets = _targets(ds)
+    names = [str(c) for c in ds.classes] if getattr(ds, "classes", None) is not None else None
+    folders = [getattr(ds, "raw_folder", None), root / str(getattr(ds, "base_folder", "")), root / cfg.name]
+    folder = next((Path(f) for f in folders if f and Path(f) != root and Path(f).is_dir()), None)
+    content = _hash_tree(folder, sorted(p for p in folder.rglob("*") if p.is_file())) if folder else b""
+    return _Raw([str(i) for i in range(len(targets))], targets, names, ds, content)
+
+
+def _python(cfg: SplitConfig, key: str) -> _Raw:
+    """Runs user code on purpose. Optional dataset attributes: `ids`, `classes`, `targets`.
+    Fingerprint: the function's source file, ids and labels (the inputs are not hashed)."""
+    fn = import_object(str(cfg.function), f"{key}.function")
+    try:
+        ds = fn(**cfg.kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{key}.kwargs: {cfg.function} does not accept them ({e})") from e
+    except Exception as e:
+        raise DataError(f"{key}.function: {cfg.function} raised {type(e).__name__}: {e}") from e
+    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+        raise ConfigError(f"{key}.function: {cfg.function} returned a {type(ds).__name__}, not a Dataset",
+                          hint="return a map-style torch Dataset whose items are (x, y)")
+    targets = _targets(ds)
+    given = getattr(ds, "ids", None)
+    ids = [str(i) for i in (given if given is not None else range(len(targets)))]
+    if len(ids) != len(targets):
+        raise DataError(f"{key}.function: the dataset's ids has {len(ids)} entries for {len(targets)} rows")
+    names = [str(c) for c in ds.classes] if getattr(ds, "classes", None) is not None else None
+    source = inspect.getsourcefile(fn) if inspect.isfunction(fn) else None
+    content = Path(source).read_bytes() if source and Path(source).is_file() else b""
+    return _Raw(ids, targets, names, ds, hashlib.sha256(content + json.dumps(ids).encode()).digest())
+
+
+# ---- helpers
+
+
+def import_object(spec: str, key: str) -> Callable[..., Any]:
+    """Import "package.module:attribute" (also used for model factories); ConfigError naming `key`."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import {module_name!r} ({e})",
+                          hint="install the package or run infl from the folder that holds it") from e
+    except AttributeError as e:
+        raise ConfigError(f"{key}: module {module_name!r} has no {attr!r}") from e
+    if not callable(obj):
+        raise ConfigError(f"{key}: {spec} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _labels(values: Any, ids: list[str], key: str, task: str, classes: list[str] | None,
+            names: list[str] | None) -> tuple[torch.Tensor, list[str] | None]:
+    """Stored label values -> (labels, class names). Integer targets stay as they are unless
+    `names` names them (class folders) or `classes` (the train split's) is given; then, like
+    strings, they map to their index in `classes`, or else in `names` or the sorted strings."""
+    arr = _to_numpy(values)
+    if task == "regression" and arr.dtype.kind not in "biuf":
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            i = next((i for i, row in enumerate(_flat(arr)) if not all(map(_is_number, row))), 0)
+            raise DataError(f"{key}.label: task regression needs numbers, row id {ids[i]!r} has {arr[i]!r}") from None
+    numeric = arr.dtype.kind in "biuf"
+    if numeric:
+        bad = np.nonzero(~np.isfinite(_flat(arr).astype(np.float64)).all(1))[0]
+        if len(bad):
+            raise DataError(f"{key}.label: missing, NaN or inf label at row ids {_name_rows(ids, bad)}")
+        if task == "regression":
+            return torch.as_tensor(arr.astype(np.float32)), None
+    dtype = torch.int64 if task == "classification" else torch.float32
+    arr = arr[:, 0] if arr.ndim == 2 and arr.shape[1] == 1 else arr
+    if arr.ndim != 1:
+        raise DataError(f"{key}.label: task {task} needs one label per row, got shape {arr.shape}")
+    if numeric:
+        whole = arr.astype(np.int64)
+        bad = np.nonzero(whole != arr)[0]
+        if len(bad):
+            raise DataError(f"{key}.label: label {arr[bad[0]]} of row id {ids[bad[0]]!r} is not a whole number",
+                            hint="for real-valued targets use task: regression")
+        if names is None and classes is None:
+            return torch.as_tensor(whole, dtype=dtype), None
+        out = np.nonzero((whole < 0) | (whole >= len(names or ())))[0] if names is not None else []
+        if len(out):
+            raise DataError(f"{key}.label: target {whole[out[0]]} of row id {ids[out[0]]!r} has no class name")
+        arr = np.asarray(names, dtype=object)[whole] if names is not None else whole.astype(str)
+    missing = [i for i, v in enumerate(arr) if v is None or (isinstance(v, float) and math.isnan(v))]
+    if missing:
+        raise DataError(f"{key}.label: missing label at row ids {_name_rows(ids, missing)}")
+    text = [str(v) for v in arr]
+    known = list(classes if classes is not None else names if names is not None else sorted(set(text)))
+    index = {c: j for j, c in enumerate(known)}
+    unseen = [i for i, v in enumerate(text) if v not in index]
+    if unseen:
+        raise DataError(f"{key}.label: label {text[unseen[0]]!r} of row id {ids[unseen[0]]!r} is not a class of "
+                        "the train split", hint=f"train classes are: {', '.join(known[:20])}")
+    if task == "binary" and len(known) > 2:
+        raise DataError(f"{key}.label: task binary needs 2 classes, found {len(known)}: {', '.join(known[:10])}")
+    return torch.as_tensor([index[v] for v in text], dtype=dtype), known
+
+
+def _numeric_features(df: pd.DataFrame, ids: list[str], key: str) -> torch.Tensor:
+    for col in df.columns:
+        if not (pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col])):
+            coerced = pd.to_numeric(df[col], errors="coerce")
+            bad = np.nonzero((coerced.isna() & df[col].notna()).to_numpy())[0]
+            if len(bad):
+                raise DataError(f"{key}.features: column {col!r} is not numeric (row id {ids[bad[0]]!r} has "
+                                f"{df[col].iloc[bad[0]]!r})", hint=f"list it under {key}.carry or drop it from "
+                                f"{key}.features")
+            df = df.assign(**{col: coerced})
+    x = df.to_numpy(dtype=np.float32, na_value=np.nan, copy=True)
+    bad_rows = np.nonzero(~np.isfinite(x).all(1))[0]
+    if len(bad_rows):
+        cols = [c for c, ok in zip(df.columns, np.isfinite(x[bad_rows]).all(0), strict=True) if not ok]
+        raise DataError(f"{key}: missing, NaN or inf features ({', '.join(cols[:5])}) at row ids "
+                        f"{_name_rows(ids, bad_rows)}", hint="fill or drop those rows")
+    return torch.from_numpy(x)
+
+
+def _ids(col: pd.Series, key: str) -> list[str]:
+    if col.isna().any():
+        rows = np.nonzero(col.isna().to_numpy())[0]
+        raise DataError(f"{key}.id: missing id at rows {', '.join(str(i) for i in rows[:_SHOWN])}")
+    if pd.api.types.is_float_dtype(col) and (col == col.round()).all():
+        col = col.astype(np.int64)
+    return [str(v) for v in col]
+
+
+def _named(cfg: SplitConfig) -> dict[str, list[str]]:
+    """The columns or keys the config names, by config field."""
+    return {"label": [cfg.label], "id": [cfg.id] if cfg.id else [], "group": [cfg.group] if cfg.group else [],
+            "carry": list(cfg.carry)}
+
+
+def _require(key: str, wanted: dict[str, list[str]], available: list[str], what: str, file: str) -> None:
+    """ConfigError `data.<role>.<field>: column 'x' not found in FILE; columns are: ...`."""
+    for field, names in wanted.items():
+        for name in (n for n in names if n not in available):
+            close = difflib.get_close_matches(name, available, n=1)
+            raise ConfigError(f"{key}.{field}: {what} {name!r} not found in {file}; {what}s are: "
+                              f"{', '.join(available[:30])}", hint=f"did you mean {close[0]!r}?" if close else None)
+
+
+def _extra_names(cfg: SplitConfig) -> list[str]:
+    return list(dict.fromkeys(([cfg.group] if cfg.group else []) + list(cfg.carry)))
+
+
+def _targets(ds: Any) -> np.ndarray:
+    """Labels from `.targets` or `.labels` when present, else one pass over the dataset."""
+    for attr in ("targets", "labels"):
+        value = getattr(ds, attr, None)
+        if value is not None and not callable(value) and len(value) == len(ds):
+            return _to_numpy(value)
+    return _to_numpy([ds[i][1] for i in range(len(ds))])
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    if isinstance(values, (list, tuple)) and values and isinstance(values[0], torch.Tensor):
+        return torch.stack([torch.as_tensor(v) for v in values]).numpy()
+    arr = np.asarray(values)
+    return arr.astype(object) if arr.dtype.kind in "USO" else arr
+
+
+def _flat(a: Any) -> Any:
+    """(n, ...) -> (n, m) for numpy arrays and tensors, also when n is 0."""
+    return a.reshape(len(a), -1) if len(a) else a.reshape(0, 0)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _name_rows(ids: Sequence[str], rows: Any, limit: int = _SHOWN) -> str:
+    rows = list(rows)
+    shown = ", ".join(repr(ids[int(i)]) for i in rows[:limit])
+    return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def _existing(path: Path | None, key: str, *, file: bool) -> Path:
+    if path is None or not (path.is_file() if file else path.is_dir()):
+        what = "file" if file else "folder"
+        raise ConfigError(f"{key}: {what} not found: {path}", hint=f"set {key} to an existing {what}")
+    return path
+
+
+def _hash_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+def _hash_tree(root: Path, files: list[Path]) -> bytes:
+    """Per file: path relative to `root`, size, and the first and last 64 KiB."""
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            head = f.read(_EDGE)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - _EDGE, len(head)))
+            h.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode() + head + f.read())
+    return h.digest()
+
+
+def _transform(cfg: SplitConfig) -> Callable[[Any], torch.Tensor]:
+    """Grayscale(1), Resize (one size means a square, so every image batches), ToTensor, Normalize."""
+    from torchvision import transforms as T
+
+    steps: list[Any] = [T.Grayscale(1)] if cfg.grayscale else []
+    if cfg.resize:
+        steps.append(T.Resize((cfg.resize[0], cfg.resize[-1])))
+    steps.append(T.ToTensor())
+    if cfg.mean is not None and cfg.std is not None:
+        steps.append(T.Normalize(cfg.mean, cfg.std))
+    return T.Compose(steps)

@@ -1,0 +1,314 @@
+"""Built-in architectures, "package.module:factory" hooks, and safe checkpoint loading and saving.
+
+Checkpoints load with `torch.load(weights_only=True)`; a pickled full model is refused unless
+`model.trust_pickle: true`. Every failure names its config key (`model.arch`, `model.kwargs.<name>`,
+`model.checkpoint`) or file: bad config -> ConfigError (exit 2), an unusable checkpoint or a
+data shape the model cannot take -> DataError (exit 3). Weights are never downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .data import import_object
+from .errors import ConfigError, DataError
+
+_KEYS_SHOWN = 5
+
+
+class LogReg(nn.Module):
+    """Multinomial (or, with num_classes 1, binary) logistic regression on the flattened input."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+class MLP(nn.Module):
+    """`net` = Linear, act, ..., Linear on the flattened input (state_dict keys net.0.weight, ...)."""
+
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, activation: str = "relu") -> None:
+        super().__init__()
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+        sizes = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in pairwise(sizes):
+            layers += [nn.Linear(a, b), act()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class LeNet(nn.Module):
+    """LeNet-5 style: two 5x5 convolutions with max pooling, then 120 -> 84 -> num_classes."""
+
+    def __init__(self, in_channels: int, num_classes: int, height: int, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = 16 * _lenet_side(height) * _lenet_side(width)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _lenet_side(size: int) -> int:
+    return (size // 2 - 4) // 2  # conv(pad 2) keeps it, pool halves, conv 5 takes 4, pool halves
+
+
+def logreg(*, in_features: int, num_classes: int) -> nn.Module:
+    return LogReg(_count("in_features", in_features), _count("num_classes", num_classes))
+
+
+def mlp(*, in_features: int, hidden: list[int], num_classes: int, activation: str = "relu") -> nn.Module:
+    if not isinstance(hidden, (list, tuple)):
+        hidden = [hidden]
+    sizes = [_count(f"hidden[{i}]", h) for i, h in enumerate(hidden)]
+    if activation not in ("relu", "tanh"):
+        raise ConfigError(f"model.kwargs.activation: expected relu or tanh, got {activation!r}")
+    return MLP(_count("in_features", in_features), sizes, _count("num_classes", num_classes), activation)
+
+
+def cnn(*, in_channels: int, num_classes: int, image_size: int | list[int]) -> nn.Module:
+    size = list(image_size) if isinstance(image_size, (list, tuple)) else [image_size]
+    if len(size) not in (1, 2):
+        raise ConfigError(f"model.kwargs.image_size: give one size or [height, width], got {image_size!r}")
+    height, width = (_count("image_size", s) for s in (size[0], size[-1]))
+    if min(_lenet_side(height), _lenet_side(width)) < 1:
+        raise ConfigError(f"model.kwargs.image_size: {image_size!r} is too small for cnn; it needs at least 12 pixels",
+                          hint="resize the images (data.<split>.resize) or use mlp")
+    return LeNet(_count("in_channels", in_channels), _count("num_classes", num_classes), height, width)
+
+
+def resnet18(*, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 with random weights (never downloaded); conv1 replaced for in_channels != 3."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(weights=None, num_classes=_count("num_classes", num_classes))
+    if _count("in_channels", in_channels) != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn, "resnet18": resnet18}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A built-in by name, or "package.module:factory" called with `model.kwargs` (user code, on purpose)."""
+    if ":" in cfg.arch:
+        factory = import_object(cfg.arch, "model.arch")
+    elif cfg.arch in ARCHS:
+        factory = ARCHS[cfg.arch]
+    else:
+        close = difflib.get_close_matches(cfg.arch, list(ARCHS), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"built-ins: {', '.join(ARCHS)}"
+        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}",
+                          hint=f"{hint} Or give package.module:factory")
+    try:
+        model = factory(**cfg.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.kwargs: {e} (model.arch: {cfg.arch})", hint=_kwargs_hint(factory, cfg.kwargs)) from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.arch: {cfg.arch} returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build, load `model.checkpoint` (required), move to `device`/`dtype`, and set eval mode."""
+    model = build_model(cfg)
+    if cfg.checkpoint is None or not Path(cfg.checkpoint).is_file():
+        where = "is not set" if cfg.checkpoint is None else f"{cfg.checkpoint} not found"
+        raise ConfigError(f"model.checkpoint: {where}; run `infl train -c CONFIG` to create it",
+                          hint="or set model.checkpoint to an existing state_dict file")
+    state = load_checkpoint(Path(cfg.checkpoint), trust_pickle=cfg.trust_pickle)
+    _check_fits(model, state, Path(cfg.checkpoint), cfg.arch)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_checkpoint(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """Read a state_dict: plain, nested under "state_dict" or "model", "module."-prefixed (DataParallel)
+    or "_orig_mod."-prefixed (torch.compile). Non-finite values are a DataError naming the tensor."""
+    if not path.is_file():
+        raise ConfigError(f"model.checkpoint: {path} not found; run `infl train -c CONFIG` to create it")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            raise DataError(f"model.checkpoint: {path} holds a pickled Python object, not a state_dict; "
+                            "loading it would run arbitrary code",
+                            hint="save model.state_dict() instead, or set model.trust_pickle: true if you trust "
+                                 "the file") from e
+        obj = _load(path, weights_only=False)
+    except Exception as e:
+        raise _unreadable(path, e) from e
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    for nest in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and nest in obj and isinstance(obj[nest], (Mapping, nn.Module)):
+            obj = obj[nest].state_dict() if isinstance(obj[nest], nn.Module) else obj[nest]
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        what = f"an empty {type(obj).__name__}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise DataError(f"model.checkpoint: {path} holds {what}, not a state_dict",
+                        hint="save it with torch.save(model.state_dict(), path)")
+    state = dict(obj)
+    for prefix in ("module.", "_orig_mod."):
+        if all(str(k).startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise DataError(f"model.checkpoint: {path} entry {name!r} is a {type(value).__name__}, not a tensor",
+                            hint="save model.state_dict(), or nest it under a 'state_dict' key")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise DataError(f"model.checkpoint: {path} tensor {name!r} holds NaN or inf values",
+                            hint="the training diverged; retrain with a smaller train.lr")
+    return state
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Write the state_dict (on cpu) atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def resolve_device(spec: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; "cuda" / "cuda:N" must exist (ConfigError naming `device`)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {spec} requested but CUDA is not available here",
+                              hint="set device: cpu or device: auto")
+        index = spec.partition(":")[2]
+        count = torch.cuda.device_count()
+        if index and (not index.isdigit() or int(index) >= count):
+            raise ConfigError(f"device: {spec} does not exist; this machine has {count} CUDA device(s)",
+                              hint=f"use cuda:0 .. cuda:{count - 1}")
+        return torch.device(spec)
+    raise ConfigError(f"device: {spec!r} is not auto, cpu, cuda or cuda:N")
+
+
+def output_width(model: nn.Module, example_x: torch.Tensor) -> int:
+    """Outputs per example, from one forward pass of `example_x`, a small batch (B, ...) such as
+    `split.dataset[0][0].unsqueeze(0)`, in eval mode and without grad. The model must return (B, k)
+    or (B,) (width 1). A data shape that does not fit the model is a DataError naming both shapes."""
+    param = next(model.parameters(), None)
+    x = example_x if param is None else example_x.to(device=param.device, dtype=param.dtype)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise DataError(f"the data shape {tuple(x.shape)} (a batch of {len(x)}) does not fit "
+                        f"model.arch/model.kwargs{_first_layer(model)}: {str(e).splitlines()[0]}",
+                        hint="match model.kwargs (in_features, in_channels, image_size) to the data") from e
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2) or out.shape[0] != len(x):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"the model output for input {tuple(x.shape)} has shape {shape}; expected "
+                        f"({len(x)}, k) or ({len(x)},)", hint="the model must return one row of outputs per example")
+    return 1 if out.ndim == 1 else int(out.shape[1])
+
+
+# ---- helpers
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model.kwargs.{name}: expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def _kwargs_hint(factory: Callable[..., Any], given: Mapping[str, Any]) -> str | None:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    names = [p for p in params if params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)]
+    unknown = [k for k in given if k not in names]
+    close = difflib.get_close_matches(unknown[0], names, n=1) if unknown else []
+    if close:
+        return f"did you mean model.kwargs.{close[0]}?"
+    return f"it takes: {', '.join(names)}" if names else None
+
+
+def _first_layer(model: nn.Module) -> str:
+    for module in model.modules():
+        for attr in ("in_features", "in_channels"):
+            if isinstance(getattr(module, attr, None), int):
+                return f" (its first layer takes {attr}={getattr(module, attr)})"
+    return ""
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    parts = [f"{what} {_shorten(keys)}" for what, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)) if keys]
+    if parts:
+        raise DataError(f"checkpoint {path} does not fit model.arch={arch}: {'; '.join(parts)}",
+                        hint="use the model.arch and model.kwargs the checkpoint was trained with")
+
+
+def _shorten(items: list[str]) -> str:
+    shown = ", ".join(items[:_KEYS_SHOWN])
+    return shown + (f" ... and {len(items) - _KEYS_SHOWN} more" if len(items) > _KEYS_SHOWN else "")
+
+
+def _load(path: Path, *, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: Exception) -> DataError:
+    return DataError(f"model.checkpoint: {path} is not a readable torch checkpoint "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated?'})",
+                     hint="point model.checkpoint at a file written by torch.save, or rerun `infl train`")

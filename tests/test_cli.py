@@ -1,0 +1,235 @@
+"""End to end through the CLI entry point on the sample digits: exit codes, files, stdout/stderr."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from influence_cli import cli, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SELFCHECK_HEADER = "rank,id,label,predicted,prob_label,loss,self_influence,flagged,suggested_label"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """A copy of the digits sample with its own config and a trained checkpoint."""
+    root = tmp_path_factory.mktemp("digits")
+    shutil.copytree(ROOT / "sample_data" / "digits", root / "data")
+    (root / "config.yaml").write_text(
+        "model: {arch: logreg, kwargs: {in_features: 64, num_classes: 10}, checkpoint: data/logreg.pt}\n"
+        "data:\n"
+        "  train: {format: csv, path: data/train.csv, label: label, id: id, carry: [source]}\n"
+        "  test: {format: csv, path: data/test.csv, label: label, id: id, carry: [source]}\n"
+        "weight_decay: 0.001\n"
+        "train: {epochs: 300}\n"
+        "output: {dir: reports}\n"
+    )
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "-c", str(root / "config.yaml"), "--quiet"])
+    assert exc.value.code == 0
+    return root
+
+
+@pytest.fixture()
+def cfg(workspace) -> str:
+    return str(workspace / "config.yaml")
+
+
+def test_train_reports_convergence(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "train", "-c", cfg, "--json", "--set", f"model.checkpoint={tmp_path / 'm.pt'}")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["converged"] is True and doc["grad_norm"] < 1e-5
+    assert (tmp_path / "m.pt").is_file()
+
+
+def test_selfcheck_writes_spec_csv_and_manifest(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--top", "3")
+    assert code == 0, err
+    assert "most self-influential" in out and "error" not in err
+    text = (tmp_path / "selfcheck.csv").read_text()
+    assert text.splitlines()[0] == SELFCHECK_HEADER + ",source"
+    table = pd.read_csv(tmp_path / "selfcheck.csv")
+    assert len(table) == 1437 and table["id"].is_unique
+    assert (table["rank"] == np.arange(1, 1438)).all()
+    assert (np.diff(table["self_influence"]) <= 0).all() and (table["self_influence"] >= 0).all()
+    flagged = table[table["flagged"]]
+    assert len(flagged) > 0
+    assert (flagged["suggested_label"] == flagged["predicted"]).all()
+    assert table.loc[~table["flagged"], "suggested_label"].isna().all()
+    assert ((table["prob_label"] > 0) & (table["prob_label"] <= 1)).all()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for key in ("command", "config", "versions", "checkpoint_sha256", "datasets", "n", "parameters", "solver",
+                "phases_seconds", "memory", "summary"):
+        assert key in manifest, key
+    assert manifest["parameters"] == 650 and manifest["solver"]["factorization"] == "cholesky"
+
+
+def test_selfcheck_finds_the_flipped_labels(capsys, cfg, tmp_path, workspace):
+    assert run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--quiet")[0] == 0
+    table = pd.read_csv(tmp_path / "selfcheck.csv").merge(pd.read_csv(workspace / "data" / "answer_key.csv"), on="id")
+    top = table.head(len(table) // 10)
+    assert top["flipped"].sum() / table["flipped"].sum() >= 0.8
+
+
+def test_json_is_the_only_stdout(capsys, cfg, tmp_path):
+    code, out, _ = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["n"] == 1437 and doc["threshold_breached"] is False
+
+
+def test_quiet_prints_nothing(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--quiet")
+    assert (code, out, err) == (0, "", "")
+
+
+def test_fail_above_exits_1_after_writing(capsys, cfg, tmp_path):
+    code, _, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--fail-above", "0.001")
+    assert code == 1 and "fail-above" in err
+    assert (tmp_path / "selfcheck.csv").is_file()
+    assert run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--fail-above", "0.9")[0] == 0
+
+
+def test_rank_tables(capsys, cfg, tmp_path):
+    code, _, err = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--top", "4", "--test-ids", "d0029,d0022")
+    assert code == 0, err
+    helpful, harmful = pd.read_csv(tmp_path / "helpful.csv"), pd.read_csv(tmp_path / "harmful.csv")
+    header = "test_id,test_label,rank,train_id,train_label,loss_change_if_removed"
+    assert (tmp_path / "helpful.csv").read_text().startswith(header + ",source\n")
+    assert list(helpful["test_id"].unique()) == ["d0029", "d0022"]
+    for _, group in helpful.groupby("test_id"):
+        assert list(group["rank"]) == [1, 2, 3, 4] and (np.diff(group["loss_change_if_removed"]) <= 0).all()
+    for _, group in harmful.groupby("test_id"):
+        assert (np.diff(group["loss_change_if_removed"]) >= 0).all()
+    overall = pd.read_csv(tmp_path / "overall.csv")
+    assert list(overall.columns[:4]) == ["rank", "id", "label", "loss_change_if_removed"]
+    assert len(overall) == 1437 and (np.diff(overall["loss_change_if_removed"]) >= 0).all()
+
+
+def test_rank_subset_is_a_slice_of_the_full_run(capsys, cfg, tmp_path):
+    assert run(capsys, "rank", "-c", cfg, "-o", str(tmp_path / "all"), "--top", "5", "--quiet")[0] == 0
+    assert run(capsys, "rank", "-c", cfg, "-o", str(tmp_path / "one"), "--top", "5", "--test-ids", "d0035",
+               "--quiet")[0] == 0
+    full = pd.read_csv(tmp_path / "all" / "helpful.csv")
+    one = pd.read_csv(tmp_path / "one" / "helpful.csv")
+    pd.testing.assert_frame_equal(full[full["test_id"] == "d0035"].reset_index(drop=True), one, rtol=1e-6)
+
+
+def test_rank_overall_is_mean_of_per_test_effects(capsys, cfg, tmp_path):
+    ids = "d0022,d0029"
+    run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--top", "1437", "--test-ids", ids, "--quiet")
+    helpful = pd.read_csv(tmp_path / "helpful.csv")
+    mean = helpful.groupby("train_id")["loss_change_if_removed"].mean()
+    overall = pd.read_csv(tmp_path / "overall.csv").set_index("id")["loss_change_if_removed"]
+    np.testing.assert_allclose(overall.loc[mean.index], mean, rtol=1e-6, atol=1e-9)
+
+
+def test_unknown_test_id_is_exit_2(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--test-ids", "nope")
+    assert code == 2 and err.startswith("error: --test-ids") and out == ""
+
+
+def _write_report(capsys, cfg, out_dir) -> bytes:
+    assert run(capsys, "selfcheck", "-c", cfg, "-o", str(out_dir), "--quiet")[0] == 0
+    return (out_dir / "selfcheck.csv").read_bytes()
+
+
+@pytest.mark.parametrize(("overrides", "code", "needle"), [
+    (["--set", "solver.nmae=cg"], 2, "solver.nmae: unknown key"),
+    (["--set", "solver.damping=lots"], 2, "solver.damping"),
+    (["--set", "model.checkpoint=missing.pt"], 2, "model.checkpoint"),
+    (["--set", "data.train.path=missing.csv"], 2, "missing.csv"),
+    (["--set", "data.train.label=nolabel"], 2, "nolabel"),
+    (["--set", "model.arch=mlp", "--set", "model.kwargs={in_features: 64, hidden: [8], num_classes: 10}"], 3,
+     "does not fit"),
+    (["--set", "model.kwargs.num_classes=5"], 3, ""),
+    (["--set", "task=regresion"], 2, "did you mean regression"),
+    (["--set", "solver.memory_limit_gb=0.000001"], 2, "last_layer"),
+    (["--set", "device=cuda:7"], 2, "device"),
+])
+def test_bad_input_exit_codes_leave_report_untouched(capsys, cfg, tmp_path, overrides, code, needle):
+    before = _write_report(capsys, cfg, tmp_path)
+    got, out, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), *overrides)
+    assert got == code, err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err and out == ""
+    assert len(err.strip().splitlines()) <= 2
+    assert (tmp_path / "selfcheck.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "selfcheck.csv"]
+
+
+@pytest.mark.parametrize("kind", ["text_feature", "nan_feature", "empty", "label_out_of_range"])
+def test_bad_data_is_exit_3(capsys, workspace, tmp_path, kind):
+    table = pd.read_csv(workspace / "data" / "train.csv")
+    row_id = table["id"][7]
+    if kind == "text_feature":
+        table["p3"] = table["p3"].astype(object)
+        table.loc[7, "p3"] = "oops"
+        needles = ["p3"]
+    elif kind == "nan_feature":
+        table.loc[7, "p5"] = np.nan
+        needles = [row_id]
+    elif kind == "empty":
+        table = table.iloc[:0]
+        needles = ["empty"]
+    else:
+        table.loc[7, "label"] = 12
+        needles = [row_id, "out of range"]
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    code, out, err = run(capsys, "selfcheck", "-c", str(workspace / "config.yaml"), "-o", str(tmp_path / "r"),
+                         "--set", f"data.train.path={tmp_path / 'bad.csv'}")
+    assert code == 3, err
+    assert err.startswith("error: ") and out == "" and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_malformed_yaml_and_missing_option(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {arch: [unclosed\n")
+    code, _, err = run(capsys, "check", "-c", str(tmp_path / "c.yaml"))
+    assert code == 2 and err.startswith("error: ") and "YAML" in err
+    code, _, err = run(capsys, "selfcheck")
+    assert code == 2 and err.startswith("error: ") and "--config" in err
+
+
+def test_internal_error_is_exit_4_and_interrupt_130(capsys, cfg, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(pipeline, "selfcheck", boom)
+    code, _, err = run(capsys, "selfcheck", "-c", cfg)
+    assert code == 4 and "internal error" in err and "--debug" in err and "Traceback" not in err
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "selfcheck", interrupt)
+    assert run(capsys, "selfcheck", "-c", cfg)[0] == 130
+
+
+def test_check_prints_facts(capsys, cfg):
+    code, out, err = run(capsys, "check", "-c", cfg)
+    assert code == 0, err
+    assert "parameters: 650" in out and "train rows: 1437" in out and "direct" in out
+    code, out, _ = run(capsys, "check", "-c", cfg, "--json")
+    assert json.loads(out)["parameters"] == 650
+
+
+def test_same_inputs_give_identical_csvs(capsys, cfg, tmp_path):
+    a = _write_report(capsys, cfg, tmp_path / "a")
+    b = _write_report(capsys, cfg, tmp_path / "b")
+    assert a == b
