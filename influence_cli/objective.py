@@ -36,6 +36,19 @@ class Objective:
         diff = outputs.reshape(outputs.shape[0], -1) - targets.reshape(outputs.shape[0], -1).to(outputs.dtype)
         return diff.square().mean(dim=1)
 
+    def output_hessian(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The per-row loss Hessian in the outputs as Lambda_i = diag(d_i) - u_i u_i^T: returns
+        d (B, C) and u (B, C) or None. Cross-entropy: diag(p) - p p^T; logistic: s (1 - s);
+        squared error averaged over k outputs: (2/k) I."""
+        if self.task == "classification":
+            probs = outputs.softmax(dim=1)
+            return probs, probs
+        if self.task == "binary":
+            s = torch.sigmoid(outputs.reshape(outputs.shape[0], 1))
+            return s * (1 - s), None
+        k = outputs.reshape(outputs.shape[0], -1).shape[1]
+        return torch.full_like(outputs.reshape(outputs.shape[0], -1), 2.0 / k), None
+
     def regularizer(self, flat_params: Tensor) -> Tensor:
         """0.5 * weight_decay * ||theta||^2."""
         return 0.5 * self.weight_decay * flat_params.square().sum()

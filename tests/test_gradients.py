@@ -82,3 +82,25 @@ def test_nan_input_names_the_row():
     ids = [f"row{i}" for i in range(len(case.x))]
     with pytest.raises(DataError, match="row5"):
         list(GradientSource(case.problem).per_example(case.problem.train_loader, ids))
+
+
+@pytest.mark.parametrize("kind", ["ridge", "logreg", "binary"])
+def test_linear_head_fast_path_equals_generic_hvps(kind):
+    case = make_case(kind)
+    source = GradientSource(case.problem)
+    p = case.problem.params.size
+    generic = source.hvp(torch.eye(p, dtype=torch.float64))
+    torch.testing.assert_close(source.dense_hessian(), 0.5 * (generic + generic.T), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("select", ["last_layer", ("2.weight",), ("2.bias",)])
+def test_linear_head_of_a_network(select):
+    from influence_cli.objective import ParamSpace
+
+    case = make_case("mlp")
+    case.problem.params = ParamSpace.select(case.problem.model, select)
+    source = GradientSource(case.problem)
+    p = case.problem.params.size
+    generic = source.hvp(torch.eye(p, dtype=torch.float64))
+    torch.testing.assert_close(source.dense_hessian(), 0.5 * (generic + generic.T), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(source.dense_hessian(), case.exact_hessian(), rtol=1e-9, atol=1e-11)
