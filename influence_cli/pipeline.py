@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +71,9 @@ def load_inputs(cfg: Config, *, need_test: bool = False, fresh_model: bool = Fal
     """Data, model (checkpoint unless fresh_model), labels validated, the Problem assembled."""
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    for folder in (str(Path.cwd()), str(cfg.source.parent) if cfg.source else None):  # where hooks live
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
     torch.manual_seed(cfg.seed)
     train = load_split(cfg.data.train, "train", cfg.task)
     test = None
@@ -227,30 +232,46 @@ def train(cfg: Config, progress: ProgressFn | None = None) -> Report:
         inp = load_inputs(cfg, fresh_model=True)
     model, problem = inp.problem.model, inp.problem
     final_dtype = next(model.parameters()).dtype
-    # L-BFGS's line search needs float64 to reach a small gradient norm; the checkpoint keeps the model dtype
-    dtype = torch.float64 if cfg.train.optimizer == "lbfgs" else final_dtype
-    model.to(dtype)
     for p in model.parameters():
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(cfg.seed)
-    shuffled = _Cast(make_loader(inp.train, cfg.batch_size, shuffle=True, generator=generator), dtype)
+    shuffled = _Cast(make_loader(inp.train, cfg.batch_size, shuffle=True, generator=generator), final_dtype)
     with timer("train"):
-        result = minimize(model, list(model.parameters()), problem.objective, _Cast(make_loader(inp.train, cfg.batch_size), dtype),
-                          problem.n, cfg.train, shuffled=shuffled, progress=_phase(progress, "train"))
+        result = _minimize_all(cfg, inp, final_dtype, shuffled, progress)
+        selected = [dict(model.named_parameters())[n] for n in problem.params.names]
+        polished = None
+        if cfg.train.optimizer != "lbfgs" and cfg.train.polish:
+            # influence needs a stationary point in the parameters it differentiates: finish those with L-BFGS
+            model.to(torch.float64)
+            polished = minimize(model, selected, problem.objective, _Cast(make_loader(inp.train, cfg.batch_size),
+                                torch.float64), problem.n, replace(cfg.train, optimizer="lbfgs", lr=1.0, epochs=200),
+                                progress=_phase(progress, "polish"))
     model.to(final_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     with timer("save"):
         save_checkpoint(model, cfg.model.checkpoint)
+    final = polished or result
     summary = {"command": "train", "n": problem.n, "parameters": sum(p.numel() for p in model.parameters()),
-               "optimizer": cfg.train.optimizer, "objective": result.objective, "grad_norm": result.grad_norm,
-               "iterations": result.iterations, "converged": result.converged,
+               "optimizer": cfg.train.optimizer, "objective": final.objective, "grad_norm": final.grad_norm,
+               "grad_norm_all_parameters": result.grad_norm, "polished": polished is not None,
+               "iterations": result.iterations, "converged": final.converged,
                "checkpoint": str(cfg.model.checkpoint)}
     warnings = []
-    if not result.converged:
-        warnings.append(f"training stopped at gradient norm {result.grad_norm:.3g} > train.tol={cfg.train.tol:g}"
+    if not final.converged:
+        warnings.append(f"training stopped at gradient norm {final.grad_norm:.3g} > train.tol={cfg.train.tol:g}"
                         " after the last epoch: influence assumes an optimum; raise train.epochs")
     return Report({}, summary, {"phases": timer.phases}, warnings)
+
+
+def _minimize_all(cfg: Config, inp: Inputs, dtype: torch.dtype, shuffled: Any, progress: ProgressFn | None) -> Any:
+    """Train every parameter; L-BFGS runs in float64 (its line search needs it to reach a small gradient)."""
+    model, problem = inp.problem.model, inp.problem
+    work = torch.float64 if cfg.train.optimizer == "lbfgs" else dtype
+    model.to(work)
+    loader = _Cast(make_loader(inp.train, cfg.batch_size), work)
+    return minimize(model, list(model.parameters()), problem.objective, loader, problem.n, cfg.train,
+                    shuffled=shuffled, progress=_phase(progress, "train"))
 
 
 def check(cfg: Config) -> Report:
