@@ -79,8 +79,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CGConfig:
-    max_iter: int = 100
-    tol: float = 1e-6
+    max_iter: int = 100  # data passes per solve (each applies H to every unconverged right-hand side)
+    tol: float = 1e-6  # stop a solve at relative residual ||v - H x|| / ||v|| <= tol
 
     def __post_init__(self) -> None:
         _positive(self, "max_iter", "tol")
@@ -88,29 +88,43 @@ class CGConfig:
 
 @dataclass(frozen=True)
 class LissaConfig:
-    depth: int = 1000
-    scale: float | Literal["auto"] = "auto"
-    repeats: int = 1
-    batch_size: int | None = None
+    depth: int = 1000  # recursion steps per run (one minibatch HVP each)
+    scale: float | Literal["auto"] = "auto"  # must exceed lambda_max(H + damping I) / 2; auto estimates it
+    repeats: int = 1  # independent runs averaged (minibatches only)
+    batch_size: int | None = None  # rows per minibatch; None = the loader's batch; >= n: full-data, deterministic
+    tol: float = 1e-6  # full-data runs only: stop at relative residual <= tol (0: always the full depth)
 
     def __post_init__(self) -> None:
-        _positive(self, "depth", "repeats")
+        _positive(self, "depth", "repeats", "batch_size")
         if self.scale != "auto":
             _positive(self, "scale")
+        if self.tol < 0:
+            raise ConfigError(f"tol: must be >= 0, got {self.tol}")
 
 
 @dataclass(frozen=True)
 class ArnoldiConfig:
-    rank: int = 50
-    oversample: int = 20
+    rank: int = 50  # eigenpairs kept (capped at the parameter count, where the solver is exact)
+    oversample: int = 20  # extra vectors per Krylov block: block size = rank + oversample
+    max_iter: int = 10  # block passes over the data (each applies H to rank + oversample vectors)
+    tol: float = 1e-4  # stop when every kept Ritz residual <= tol * largest Ritz value
+    complement: Literal["rayleigh", "ritz", "none"] = "rayleigh"  # the rest of H^-1; none = truncation
+    start: Literal["gradients", "random"] = "gradients"  # Krylov start block
 
     def __post_init__(self) -> None:
-        _positive(self, "rank")
+        _positive(self, "rank", "max_iter", "tol")
+        if self.oversample < 0:
+            raise ConfigError(f"oversample: must be >= 0, got {self.oversample}")
 
 
 @dataclass(frozen=True)
 class EkfacConfig:
-    correct_eigenvalues: bool = True
+    correct_eigenvalues: bool = True  # re-estimate the diagonal in the Kronecker eigenbasis (EK-FAC, not K-FAC)
+    output_factor: Literal["auto", "exact", "sample"] = "auto"  # auto: exact when the model has <= 64 outputs
+    samples: int = 1  # output_factor sample: Monte-Carlo pseudo-gradients per row
+
+    def __post_init__(self) -> None:
+        _positive(self, "samples")
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,7 @@ class TrainConfig:
     lr: float = 1.0
     momentum: float = 0.9  # sgd only
     tol: float = 1e-5  # stop when the full-objective gradient norm is below this
+    polish: bool = True  # after adam/sgd: L-BFGS on the selected `params` until their gradient is ~0
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "lr", "tol")

@@ -117,9 +117,13 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None) -> Report:
     pred = np.zeros(n) if cfg.task == "regression" else np.zeros(n, dtype=np.int64)
     prob = None if cfg.task == "regression" else np.zeros(n)
     with timer("score"):
-        for block in source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n):
+        # a solver that scores rows without their p-sized gradients (EK-FAC's outer products) does so
+        fast = getattr(solver, "self_influence_blocks", None)
+        blocks = (fast(problem.train_loader, _phase(progress, "score"), n, train.ids) if fast is not None
+                  else source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n))
+        for block in blocks:
             rows = block.idx.numpy()
-            si[rows] = self_influence(block.grads, solver).cpu().numpy()
+            si[rows] = (block.self_influence if fast is not None else self_influence(block.grads, solver)).cpu().numpy()
             loss[rows] = block.losses.detach().double().cpu().numpy()
             p_hat, p_label = problem.objective.predict(block.outputs, block.targets)
             pred[rows] = p_hat.detach().cpu().numpy()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from ..config import SolverConfig
 from ..errors import ConfigError
+from .arnoldi import ArnoldiSolver
 from .base import Cost, Factored, Solver
+from .cg import CGSolver
 from .direct import DirectSolver
+from .ekfac import EkfacSolver
+from .lissa import LissaSolver
 
-SOLVERS: dict[str, type] = {"direct": DirectSolver}
+SOLVERS: dict[str, type] = {"direct": DirectSolver, "arnoldi": ArnoldiSolver, "cg": CGSolver, "lissa": LissaSolver, "ekfac": EkfacSolver}
 
 
 def make_solver(config: SolverConfig) -> Solver:
