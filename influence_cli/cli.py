@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import pipeline, report
+from . import pipeline, report, trust
 from .config import Config, load_config
 from .errors import InflError
 
@@ -121,6 +121,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _split_ids(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 def _out_dir(cfg: Config, out: Path | None) -> Path:
     return out.resolve() if out is not None else cfg.output.dir
 
@@ -130,13 +134,20 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               as_json: JsonOpt = False, debug: DebugOpt = False,
               top: Annotated[int, typer.Option(help="Rows shown in the terminal table (the CSV has all).")] = 10,
               fail_above: Annotated[float | None, typer.Option(
-                  help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None) -> None:
+                  help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None,
+              rank_by: Annotated[str, typer.Option(
+                  help="Sort by self_influence (SPEC), loo_loss (estimated leave-one-out loss) or loss.")]
+              = "self_influence",
+              damping_sweep: Annotated[bool, typer.Option(
+                  help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False) -> None:
     """Self-influence of every training example; flags likely label errors (selfcheck.csv)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
         cfg = load_config(config, set_ or [])
         with ui.progress() as progress:
-            result = pipeline.selfcheck(cfg, progress)
+            result = pipeline.selfcheck(cfg, progress, rank_by=rank_by)
+            if damping_sweep:
+                trust.attach_sweep(result, trust.damping_sweep(cfg, "selfcheck", result, progress))
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         breached = fail_above is not None and result.summary["flagged_fraction"] > fail_above
         ui.finish(result, files, {"threshold_breached": breached})
@@ -155,14 +166,20 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
 def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
          as_json: JsonOpt = False, debug: DebugOpt = False,
          top: Annotated[int, typer.Option(help="Rows per test example in helpful/harmful.csv.")] = 10,
-         test_ids: Annotated[str | None, typer.Option(help="Only these test ids, comma separated.")] = None) -> None:
+         test_ids: Annotated[str | None, typer.Option(help="Only these test ids, comma separated.")] = None,
+         group_by: Annotated[str | None, typer.Option(
+             help="Training column naming each row's group (default data.train.group); writes groups.csv.")] = None,
+         damping_sweep: Annotated[bool, typer.Option(
+             help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False) -> None:
     """Influence of every training example on test examples (helpful/harmful/overall.csv)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
         cfg = load_config(config, set_ or [])
-        ids = [t.strip() for t in test_ids.split(",") if t.strip()] if test_ids else None
+        ids = _split_ids(test_ids)
         with ui.progress() as progress:
-            result = pipeline.rank(cfg, progress, top=top, test_ids=ids)
+            result = pipeline.rank(cfg, progress, top=top, test_ids=ids, group_by=group_by)
+            if damping_sweep:
+                trust.attach_sweep(result, trust.damping_sweep(cfg, "rank", result, progress, test_ids=ids))
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         ui.finish(result, files)
         if ui.show:
@@ -173,6 +190,42 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
             ui.table("most helpful to the mean test loss", helpful, cols, top)
             ui.out.print(f"{result.summary['test_examples']} test examples; wrote {', '.join(str(f) for f in files)}")
     raise typer.Exit(0)
+
+
+@app.command()
+def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+           as_json: JsonOpt = False, debug: DebugOpt = False,
+           samples: Annotated[int, typer.Option(help="Training rows to retrain without (half largest, half random).")]
+           = 20,
+           min_pearson: Annotated[float | None, typer.Option(
+               help="Exit 1 when Pearson(predicted, actual) is below this.")] = None,
+           test_ids: Annotated[str | None, typer.Option(help="Only these test ids, comma separated.")] = None,
+           groups: Annotated[bool, typer.Option(help="Also retrain without each group (data.train.group).")] = False,
+           group_by: Annotated[str | None, typer.Option(help="Group column for --groups.")] = None,
+           workers: Annotated[int, typer.Option(help="Retrain in this many processes (CPU, Linux).")] = 1) -> None:
+    """Leave-one-out retraining on a sample: how well predicted loss changes match actual ones (verify.csv)."""
+    ui = _UI(quiet, as_json)
+    with _run_command(debug):
+        cfg = load_config(config, set_ or [])
+        with ui.progress() as progress:
+            result = trust.verify(cfg, progress, samples=samples, test_ids=_split_ids(test_ids), groups=groups,
+                                  group_by=group_by, workers=workers)
+        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        s = result.summary
+        breached = min_pearson is not None and not (s["pearson"] >= min_pearson)
+        ui.finish(result, files, {"threshold_breached": breached})
+        if ui.show:
+            lo, hi = s.get("pearson_ci95", [float("nan")] * 2)
+            ui.out.print(f"retrained without {s['samples']} rows: Pearson {s['pearson']:.3f} (95% CI {lo:.3f}..{hi:.3f}),"
+                         f" Spearman {s['spearman']:.3f}, predicted/actual magnitude {s['magnitude_ratio']:.2f}")
+            damp = ", ".join(f"{v['damping']:g}: {v['pearson']:.3f}" for v in s["pearson_by_damping"].values())
+            ui.out.print(f"Pearson by damping: {damp}")
+            for order, fit in s.get("groups", {}).items():
+                ui.out.print(f"groups, {order}: Pearson {fit['pearson']:.3f}, mean abs error {fit['mean_abs_error']:.3g}")
+            ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
+        if breached:
+            ui.err.print(f"threshold: Pearson {s['pearson']:.4f} < --min-pearson {min_pearson}")
+    raise typer.Exit(1 if breached else 0)
 
 
 @app.command()

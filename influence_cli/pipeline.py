@@ -29,8 +29,10 @@ from .errors import ConfigError
 from .gradients import BLOCK_BYTES, GradientSource
 from .models import build_model, load_model, output_width, resolve_device, save_checkpoint, sha256_file
 from .objective import Objective, ParamSpace, Problem
+from .groups import group_effects, mean_loss_hvp
 from .scores import flag_rows, loss_change_if_removed, self_influence
-from .solvers import SOLVERS, make_solver
+from .signals import loo_loss, loo_loss_first_order, loss_rank
+from .solvers import SOLVERS, Factored, make_solver
 from .train import minimize
 
 ProgressFn = Callable[[str, int, int], None]
@@ -101,8 +103,15 @@ def load_inputs(cfg: Config, *, need_test: bool = False, fresh_model: bool = Fal
     return Inputs(cfg, device, train, test, problem, sha)
 
 
-def selfcheck(cfg: Config, progress: ProgressFn | None = None) -> Report:
-    """Self-influence g_i^T H^-1 g_i of every training row, ranked, with a flag for likely errors."""
+RANK_BY = ("self_influence", "loo_loss", "loss")
+NEWTON_LOO_MAX = (64, 50_000)  # Newton LOO needs C half-solves per row: only up to C outputs, p parameters
+
+
+def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "self_influence") -> Report:
+    """Self-influence g_i^T H^-1 g_i of every training row, ranked, with a flag for likely errors.
+    Also each row's training-loss rank and an estimate of its leave-one-out loss (signals.py)."""
+    if rank_by not in RANK_BY:
+        raise ConfigError(f"--rank-by: {rank_by!r} is not one of {', '.join(RANK_BY)}")
     timer = Timer()
     with timer("load"):
         inp = load_inputs(cfg)
@@ -129,6 +138,12 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None) -> Report:
             pred[rows] = p_hat.detach().cpu().numpy()
             if prob is not None:
                 prob[rows] = p_label.detach().double().cpu().numpy()
+    with timer("loo_loss"):
+        width = int(problem.objective.output_hessian(block.outputs[:1], block.targets[:1])[0].shape[1])
+        newton = (isinstance(solver, Factored) and width <= NEWTON_LOO_MAX[0]
+                  and problem.params.size <= NEWTON_LOO_MAX[1])
+        loo = (loo_loss(problem, solver, progress=_phase(progress, "loo")).loo_loss if newton
+               else loo_loss_first_order(loss, si, n))
     labels = train.labels.numpy()
     mismatch = None if cfg.task == "regression" else pred != labels.reshape(n)
     flagged = flag_rows(si, mismatch, cfg.selfcheck)
@@ -137,9 +152,13 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None) -> Report:
     suggested = None
     if cfg.task != "regression":
         suggested = np.where(flagged, np.asarray(predicted, dtype=object), "")
-    table = report.selfcheck_table(train.ids, label_names, predicted, prob, loss, si, flagged, suggested, train.extra)
+    key = {"self_influence": si, "loo_loss": loo, "loss": loss}[rank_by]
+    signals = {"loss_rank": loss_rank(loss), "loo_loss": loo}
+    table = report.selfcheck_table(train.ids, label_names, predicted, prob, loss, si, flagged, suggested, train.extra,
+                                   signals, key)
     summary = {
         "command": "selfcheck", "n": n, "parameters": problem.params.size, "solver": cfg.solver.name,
+        "rank_by": rank_by, "loo_loss_method": "newton" if newton else "first_order",
         "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
         "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
     }
@@ -149,9 +168,10 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None) -> Report:
 
 
 def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
-         test_ids: Sequence[str] | None = None) -> Report:
+         test_ids: Sequence[str] | None = None, group_by: str | None = None) -> Report:
     """loss_change_if_removed of every training row on each selected test row (top K each way)
-    and on the mean loss of the selected test rows (every training row)."""
+    and on the mean loss of the selected test rows (every training row); with a group column,
+    each group's first- and second-order effect on that mean loss (groups.csv)."""
     if top < 1:
         raise ConfigError(f"--top: must be >= 1, got {top}")
     timer = Timer()
@@ -160,6 +180,7 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
     problem, train, test = inp.problem, inp.train, inp.test
     assert test is not None
     rows = _select_test_rows(test, test_ids)
+    groups = group_rows(train, group_by)
     source = GradientSource(problem)
     with timer("checkpoint_gradient"):
         value, grad_j = source.objective_gradient()
@@ -197,6 +218,8 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
             first = start == 0
             targets = torch.cat([grads, mean_grad[None]]) if first else grads
             ihvp = solver.ihvp(targets)
+            if first:
+                mean_ihvp = ihvp[-1]
             lo, hi = start, start + len(block_rows)
             for b in source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n):
                 scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
@@ -217,6 +240,11 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
                                   "label": np.asarray(train_names, dtype=object)[order],
                                   "loss_change_if_removed": overall[order]}, columns=report.OVERALL_COLUMNS)
     tables["overall.csv"] = report.with_extra(overall_table, train.extra, order)
+    if groups is not None:
+        with timer("groups"):
+            tables["groups.csv"] = group_effects(
+                problem, solver, mean_ihvp, groups, lambda: source.per_example(problem.train_loader, train.ids),
+                test_hvp=mean_loss_hvp(problem, test_loader, t_count), progress=_phase(progress, "groups"))
     summary = {
         "command": "rank", "n": n, "test_examples": t_count, "parameters": p, "solver": cfg.solver.name,
         "top": k, "mean_test_loss": test_loss / t_count,
@@ -340,6 +368,20 @@ class _only_rows:  # noqa: N801 - used like a function
             keep = self.mask[idx]
             if bool(keep.any()):
                 yield idx[keep], x[keep], y[keep]
+
+
+def group_rows(train: Split, column: str | None) -> dict[str, np.ndarray] | None:
+    """Row indices per value of the group column (--group-by, else data.train.group), in first-seen order."""
+    column = column or train.group
+    if column is None:
+        return None
+    if column not in train.extra.columns:
+        raise ConfigError(f"--group-by: {column!r} is not a group or carried column of data.train",
+                          hint=f"add it to data.train.carry (carried now: {', '.join(train.extra.columns) or 'none'})")
+    values = train.extra[column].astype(str).to_numpy()
+    names, inverse = np.unique(values, return_inverse=True)
+    first_seen = np.argsort([np.flatnonzero(inverse == i)[0] for i in range(len(names))], kind="stable")
+    return {str(names[i]): np.flatnonzero(inverse == i) for i in first_seen}
 
 
 def _select_test_rows(test: Split, test_ids: Sequence[str] | None) -> list[int]:

@@ -50,9 +50,12 @@ def with_extra(table: pd.DataFrame, extra: pd.DataFrame, rows: np.ndarray) -> pd
 
 def selfcheck_table(ids: Sequence[str], labels: Sequence[Any], predicted: Sequence[Any],
                     prob_label: np.ndarray | None, loss: np.ndarray, self_influence: np.ndarray,
-                    flagged: np.ndarray, suggested: Sequence[Any] | None, extra: pd.DataFrame) -> pd.DataFrame:
-    """One row per training example, sorted by self_influence descending."""
-    order = order_desc(self_influence)
+                    flagged: np.ndarray, suggested: Sequence[Any] | None, extra: pd.DataFrame,
+                    signals: Mapping[str, np.ndarray] | None = None, rank_by: np.ndarray | None = None
+                    ) -> pd.DataFrame:
+    """One row per training example, sorted by `rank_by` (default self_influence) descending.
+    `signals` (name -> (n,)) become extra columns after SPEC's, before the carried ones."""
+    order = order_desc(self_influence if rank_by is None else rank_by)
     n = len(order)
     empty = [""] * n
     table = pd.DataFrame({
@@ -66,6 +69,8 @@ def selfcheck_table(ids: Sequence[str], labels: Sequence[Any], predicted: Sequen
         "flagged": flagged[order],
         "suggested_label": empty if suggested is None else np.asarray(suggested, dtype=object)[order],
     }, columns=SELFCHECK_COLUMNS)
+    for name, values in (signals or {}).items():
+        table[name] = np.asarray(values)[order]
     return with_extra(table, extra, order)
 
 

@@ -61,7 +61,7 @@ def test_selfcheck_writes_spec_csv_and_manifest(capsys, cfg, tmp_path):
     assert code == 0, err
     assert "most self-influential" in out and "error" not in err
     text = (tmp_path / "selfcheck.csv").read_text()
-    assert text.splitlines()[0] == SELFCHECK_HEADER + ",source"
+    assert text.splitlines()[0] == SELFCHECK_HEADER + ",loss_rank,loo_loss,source"  # SPEC columns first
     table = pd.read_csv(tmp_path / "selfcheck.csv")
     assert len(table) == 1437 and table["id"].is_unique
     assert (table["rank"] == np.arange(1, 1438)).all()
@@ -233,3 +233,54 @@ def test_same_inputs_give_identical_csvs(capsys, cfg, tmp_path):
     a = _write_report(capsys, cfg, tmp_path / "a")
     b = _write_report(capsys, cfg, tmp_path / "b")
     assert a == b
+
+
+def test_selfcheck_rank_by_and_signal_columns(capsys, cfg, tmp_path):
+    code, _, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--quiet", "--rank-by", "loss")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "selfcheck.csv")
+    assert list(table.columns) == SELFCHECK_HEADER.split(",") + ["loss_rank", "loo_loss", "source"]
+    assert table["loss"].is_monotonic_decreasing and (table["loss_rank"] == np.arange(1, len(table) + 1)).all()
+    assert (table["loo_loss"] >= table["loss"] - 1e-9).all()  # leaving a row out cannot make its fit better
+    code, _, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--rank-by", "nonsense")
+    assert code == 2 and "--rank-by" in err
+
+
+def test_rank_groups_csv_puts_the_noisy_annotator_first(capsys, workspace, tmp_path):
+    table = pd.read_csv(workspace / "data" / "train.csv")
+    key = pd.read_csv(workspace / "data" / "answer_key.csv").set_index("id")
+    flipped = key.loc[table["id"], "flipped"].to_numpy() == 1
+    table["source"] = np.where(flipped, "annotator_bad", table["source"])  # one annotator holds every flip
+    table.to_csv(tmp_path / "train.csv", index=False)
+    code, _, err = run(capsys, "rank", "-c", str(workspace / "config.yaml"), "-o", str(tmp_path / "r"), "--quiet",
+                       "--set", f"data.train.path={tmp_path / 'train.csv'}", "--set",
+                       f"model.checkpoint={workspace / 'data' / 'logreg.pt'}", "--group-by", "source")
+    assert code == 0, err
+    groups = pd.read_csv(tmp_path / "r" / "groups.csv")
+    assert list(groups.columns) == ["group", "size", "loss_change_if_removed", "loss_change_if_removed_2nd"]
+    assert groups["group"][0] == "annotator_bad" and groups["size"][0] == flipped.sum()
+    assert groups["loss_change_if_removed"].is_monotonic_increasing
+    code, _, err = run(capsys, "rank", "-c", str(workspace / "config.yaml"), "-o", str(tmp_path / "r"),
+                       "--group-by", "nope")
+    assert code == 2 and "--group-by" in err
+
+
+def test_verify_agrees_with_retraining_and_min_pearson(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "verify", "-c", cfg, "-o", str(tmp_path), "--samples", "6", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["pearson"] >= 0.95 and doc["samples"] == 6
+    table = pd.read_csv(tmp_path / "verify.csv")
+    assert list(table.columns[:3]) == ["train_id", "predicted_loss_change", "actual_loss_change"]
+    assert len(table) == 6
+    code, _, err = run(capsys, "verify", "-c", cfg, "-o", str(tmp_path), "--samples", "4", "--min-pearson", "1.01",
+                       "--quiet")
+    assert code == 1
+
+
+def test_damping_sweep_reports_agreement(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--json", "--damping-sweep")
+    assert code == 0, err
+    sweep = json.loads(out)["damping_sweep"]
+    assert sweep["x0.1"]["damping"] == pytest.approx(1e-4) and sweep["x10"]["damping"] == pytest.approx(1e-2)
+    assert 0.9 < sweep["x0.1"]["spearman"] <= 1.0
