@@ -170,14 +170,18 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
          group_by: Annotated[str | None, typer.Option(
              help="Training column naming each row's group (default data.train.group); writes groups.csv.")] = None,
          damping_sweep: Annotated[bool, typer.Option(
-             help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False) -> None:
+             help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False,
+         knn: Annotated[int | None, typer.Option(
+             help="FastIF: score only each test row's K nearest training rows (penultimate features).")] = None,
+         knn_metric: Annotated[str, typer.Option(help="cosine or l2, for --knn.")] = "cosine") -> None:
     """Influence of every training example on test examples (helpful/harmful/overall.csv)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
         cfg = load_config(config, set_ or [])
         ids = _split_ids(test_ids)
         with ui.progress() as progress:
-            result = pipeline.rank(cfg, progress, top=top, test_ids=ids, group_by=group_by)
+            result = pipeline.rank(cfg, progress, top=top, test_ids=ids, group_by=group_by, knn=knn,
+                                   knn_metric=knn_metric)
             if damping_sweep:
                 trust.attach_sweep(result, trust.damping_sweep(cfg, "rank", result, progress, test_ids=ids))
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
@@ -260,7 +264,8 @@ def check(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, as_js
             ui.out.print(yaml.safe_dump({"config": s["config"]}, sort_keys=False).rstrip())
             ui.out.print(f"train rows: {s['n']}   test rows: {s['n_test']}   device: {s['device']}")
             ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
-            ui.out.print(f"solver: {s['solver']}   per-example gradients of all rows: ~{s['gradient_seconds']} s")
+            ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
+                         f" ~{s['gradient_seconds']} s")
             table = Table(title="solver estimates", title_justify="left")
             for c in ("solver", "memory", "fit time", "note"):
                 table.add_column(c)

@@ -32,7 +32,8 @@ from .objective import Objective, ParamSpace, Problem
 from .groups import group_effects, mean_loss_hvp
 from .scores import flag_rows, loss_change_if_removed, self_influence
 from .signals import loo_loss, loo_loss_first_order, loss_rank
-from .solvers import SOLVERS, Factored, make_solver
+from .solvers import SOLVERS, Factored, choose, make_solver
+from .solvers.direct import DirectSolver
 from .train import minimize
 
 ProgressFn = Callable[[str, int, int], None]
@@ -120,7 +121,7 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
     with timer("checkpoint_gradient"):
         value, grad_j = source.objective_gradient()
     with timer("fit"):
-        solver = make_solver(cfg.solver).fit(problem, _phase(progress, "fit"))
+        solver = make_solver(cfg.solver, problem).fit(problem, _phase(progress, "fit"))
     n = train.n
     si, loss = np.zeros(n), np.zeros(n)
     pred = np.zeros(n) if cfg.task == "regression" else np.zeros(n, dtype=np.int64)
@@ -157,7 +158,7 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
     table = report.selfcheck_table(train.ids, label_names, predicted, prob, loss, si, flagged, suggested, train.extra,
                                    signals, key)
     summary = {
-        "command": "selfcheck", "n": n, "parameters": problem.params.size, "solver": cfg.solver.name,
+        "command": "selfcheck", "n": n, "parameters": problem.params.size, "solver": solver.name,
         "rank_by": rank_by, "loo_loss_method": "newton" if newton else "first_order",
         "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
         "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
@@ -168,7 +169,8 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
 
 
 def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
-         test_ids: Sequence[str] | None = None, group_by: str | None = None) -> Report:
+         test_ids: Sequence[str] | None = None, group_by: str | None = None, knn: int | None = None,
+         knn_metric: str = "cosine") -> Report:
     """loss_change_if_removed of every training row on each selected test row (top K each way)
     and on the mean loss of the selected test rows (every training row); with a group column,
     each group's first- and second-order effect on that mean loss (groups.csv)."""
@@ -185,7 +187,7 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
     with timer("checkpoint_gradient"):
         value, grad_j = source.objective_gradient()
     with timer("fit"):
-        solver = make_solver(cfg.solver).fit(problem, _phase(progress, "fit"))
+        solver = make_solver(cfg.solver, problem).fit(problem, _phase(progress, "fit"))
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     test_loader = _Cast(_only_rows(make_loader(test, cfg.batch_size), rows, test.n), dtype)
     p, t_count, n = problem.params.size, len(rows), train.n
@@ -200,10 +202,17 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
             if keep_all:
                 kept.update(zip(block.idx.tolist(), block.grads.double()))
         mean_grad = total / t_count
+    candidates, neighbors = None, None
+    if knn is not None:
+        with timer("knn"):
+            neighbors = knn_neighbors(problem, test_loader, rows, knn, knn_metric)
+            candidates = torch.unique(neighbors).tolist()
+    train_stream = problem.train_loader if candidates is None else _only_rows(problem.train_loader, candidates, n)
+    scored = n if candidates is None else len(candidates)
     k = min(top, n)
     helpful = (torch.full((t_count, k), -math.inf, dtype=torch.float64), torch.zeros((t_count, k), dtype=torch.long))
     harmful = (torch.full((t_count, k), math.inf, dtype=torch.float64), torch.zeros((t_count, k), dtype=torch.long))
-    overall = np.zeros(n)
+    overall = np.zeros(n) if candidates is None else np.full(n, np.nan)
     per_block = max(1, BLOCK_BYTES // (8 * p))
     position = {r: i for i, r in enumerate(rows)}
     with timer("score"):
@@ -221,11 +230,16 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
             if first:
                 mean_ihvp = ihvp[-1]
             lo, hi = start, start + len(block_rows)
-            for b in source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n):
+            for b in source.per_example(train_stream, train.ids, _phase(progress, "score"), scored):
                 scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
                 if first:
                     overall[b.idx.numpy()] = scores[-1].numpy()
                     scores = scores[:-1]
+                if neighbors is not None:  # FastIF: each test row only ranks its own nearest training rows
+                    allowed = (neighbors[lo:hi, :, None] == b.idx[None, None, :]).any(dim=1)
+                    _merge_top(helpful, lo, hi, scores.masked_fill(~allowed, -math.inf), b.idx, largest=True)
+                    _merge_top(harmful, lo, hi, scores.masked_fill(~allowed, math.inf), b.idx, largest=False)
+                    continue
                 _merge_top(helpful, lo, hi, scores, b.idx, largest=True)
                 _merge_top(harmful, lo, hi, scores, b.idx, largest=False)
     del position
@@ -236,7 +250,8 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
         "harmful.csv": _pair_table(test, rows, test_label_names, train, train_names, harmful, descending=False),
     }
     order = report.order_asc(overall)
-    overall_table = pd.DataFrame({"rank": np.arange(1, n + 1), "id": np.asarray(train.ids, dtype=object)[order],
+    order = order[~np.isnan(overall[order])]  # --knn: only rows some test row has among its neighbors
+    overall_table = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "id": np.asarray(train.ids, dtype=object)[order],
                                   "label": np.asarray(train_names, dtype=object)[order],
                                   "loss_change_if_removed": overall[order]}, columns=report.OVERALL_COLUMNS)
     tables["overall.csv"] = report.with_extra(overall_table, train.extra, order)
@@ -246,12 +261,15 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
                 problem, solver, mean_ihvp, groups, lambda: source.per_example(problem.train_loader, train.ids),
                 test_hvp=mean_loss_hvp(problem, test_loader, t_count), progress=_phase(progress, "groups"))
     summary = {
-        "command": "rank", "n": n, "test_examples": t_count, "parameters": p, "solver": cfg.solver.name,
+        "command": "rank", "n": n, "test_examples": t_count, "parameters": p, "solver": solver.name,
         "top": k, "mean_test_loss": test_loss / t_count,
         "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
         "most_harmful": [train.ids[i] for i in order[: min(5, n)]],
         "most_helpful": [train.ids[i] for i in order[::-1][: min(5, n)]],
     }
+    if neighbors is not None:
+        summary["knn"] = {"k": knn, "metric": knn_metric, "scored_rows": scored, "scored_fraction": scored / n,
+                          "scoring_speedup_bound": n / max(scored, 1)}
     return _finish("rank", inp, solver, timer, summary, tables)
 
 
@@ -319,7 +337,7 @@ def check(cfg: Config) -> Report:
     for _ in source.per_example(sample):
         pass
     per_row = (time.perf_counter() - start) / len(sample.idx)
-    name = "direct" if cfg.solver.name == "auto" else cfg.solver.name
+    name, reason = choose(cfg.solver, problem) if cfg.solver.name == "auto" else (cfg.solver.name, "configured")
     estimates = {}
     for solver_name, cls in SOLVERS.items():
         cost = cls.estimate(cfg.solver, n, p)
@@ -327,7 +345,8 @@ def check(cfg: Config) -> Report:
                                   "note": cost.note}
     summary = {"command": "check", "n": n, "n_test": inp.test.n if inp.test else None, "parameters": p,
                "parameters_total": sum(q.numel() for q in problem.model.parameters()),
-               "selected": list(problem.params.names), "solver": name, "device": str(inp.device),
+               "selected": list(problem.params.names), "solver": name, "solver_reason": reason,
+               "device": str(inp.device),
                "gradient_seconds": round(per_row * n, 2), "solver_estimates": estimates,
                "config": cfg.to_dict()}
     return Report({}, summary, {"phases": timer.phases})
@@ -368,6 +387,45 @@ class _only_rows:  # noqa: N801 - used like a function
             keep = self.mask[idx]
             if bool(keep.any()):
                 yield idx[keep], x[keep], y[keep]
+
+
+def knn_neighbors(problem: Problem, test_loader: Any, rows: list[int], k: int, metric: str) -> Tensor:
+    """FastIF (Guo et al. 2021): the k nearest training rows of each selected test row (T, k), in the
+    model's penultimate features (the input of its last Linear layer), cosine or L2."""
+    if k < 1:
+        raise ConfigError(f"--knn: must be >= 1, got {k}")
+    if metric not in ("cosine", "l2"):
+        raise ConfigError(f"--knn-metric: {metric!r} is not cosine or l2")
+    linears = [m for m in problem.model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ConfigError("--knn: the model has no Linear layer whose input could serve as features")
+
+    def features(loader: Any) -> tuple[Tensor, Tensor]:
+        seen: list[Tensor] = []
+        handle = linears[-1].register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].flatten(1)))
+        idx_all, feats = [], []
+        try:
+            with torch.no_grad():
+                for idx, x, _ in loader:
+                    seen.clear()
+                    problem.model(x.to(problem.device))
+                    idx_all.append(idx)
+                    feats.append(seen[0].float())
+        finally:
+            handle.remove()
+        f = torch.cat(feats)
+        return torch.cat(idx_all), (torch.nn.functional.normalize(f, dim=1) if metric == "cosine" else f)
+
+    test_idx, test_f = features(test_loader)
+    order = {int(r): i for i, r in enumerate(test_idx)}
+    test_f = test_f[[order[r] for r in rows]]
+    best = torch.full((len(rows), 0), -math.inf), torch.zeros((len(rows), 0), dtype=torch.long)
+    for idx, f in [features(_Rows(*batch)) for batch in problem.train_loader]:
+        sim = test_f @ f.T if metric == "cosine" else -torch.cdist(test_f, f).square()
+        values, pos = torch.cat([best[0], sim], 1), torch.cat([best[1], idx.expand(len(rows), -1)], 1)
+        top, where = torch.topk(values, min(k, values.shape[1]), dim=1)
+        best = top, torch.gather(pos, 1, where)
+    return best[1]
 
 
 def group_rows(train: Split, column: str | None) -> dict[str, np.ndarray] | None:
@@ -426,8 +484,34 @@ def _pair_table(test: Split, rows: list[int], test_labels: list, train: Split, t
     return report.with_extra(frame, train.extra, rows_used)
 
 
+EXACT_CHECK_MAX_P, EXACT_CHECK_ROWS = 5_000, 256
+
+
+def exact_agreement(inp: Inputs, solver: Any, source: GradientSource) -> dict[str, Any] | None:
+    """For an approximate solver on a problem small enough for the exact one: Spearman of
+    self-influence with the direct solver's on a seeded random sample of training rows."""
+    problem = inp.problem
+    if solver.name == "direct" or problem.params.size > EXACT_CHECK_MAX_P:
+        return None
+    exact = DirectSolver(inp.cfg.solver).fit(problem)
+    generator = torch.Generator().manual_seed(inp.cfg.seed)
+    rows = torch.randperm(problem.n, generator=generator)[:EXACT_CHECK_ROWS].sort().values
+    sample = _only_rows(problem.train_loader, rows.tolist(), problem.n)
+    grads = torch.cat([b.grads for b in source.per_example(sample, inp.train.ids)])
+    mine, ref = self_influence(grads, solver).cpu().numpy(), self_influence(grads, exact).cpu().numpy()
+    ranks = [pd.Series(v).rank().to_numpy() for v in (mine, ref)]
+    spearman = float(np.corrcoef(*ranks)[0, 1]) if len(rows) > 2 else float("nan")
+    rel = float(np.abs(mine - ref).sum() / max(np.abs(ref).sum(), 1e-300))
+    return {"rows": len(rows), "self_influence_spearman_vs_direct": spearman, "self_influence_relative_error": rel}
+
+
 def _finish(command: str, inp: Inputs, solver: Any, timer: Timer, summary: dict[str, Any],
             tables: dict[str, pd.DataFrame]) -> Report:
+    if command in ("selfcheck", "rank"):
+        with timer("exact_check"):
+            check = exact_agreement(inp, solver, GradientSource(inp.problem))
+        if check is not None:
+            summary["exact_check"] = check
     described = solver.describe()
     warnings = list(described.pop("warnings", []))
     grad_norm = summary.get("grad_norm_at_checkpoint", 0.0)

@@ -89,7 +89,7 @@ def verify(cfg: Config, progress: pipeline.ProgressFn | None = None, samples: in
     predictions, solvers = {}, {}
     for name, run_cfg in [("x1", cfg)] + [(f"x{f:g}", damped(cfg, f)) for f in FACTORS]:
         with timer("fit"):
-            solver = make_solver(run_cfg.solver)
+            solver = make_solver(run_cfg.solver, problem)
             solver.fit(replace(problem, damping=run_cfg.solver.damping), pipeline._phase(progress, "fit"))
         with timer("predict"):
             mean_ihvp = solver.ihvp(mean_grad[None])

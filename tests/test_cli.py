@@ -284,3 +284,33 @@ def test_damping_sweep_reports_agreement(capsys, cfg, tmp_path):
     sweep = json.loads(out)["damping_sweep"]
     assert sweep["x0.1"]["damping"] == pytest.approx(1e-4) and sweep["x10"]["damping"] == pytest.approx(1e-2)
     assert 0.9 < sweep["x0.1"]["spearman"] <= 1.0
+
+
+def test_rank_knn_scores_only_neighbors(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--knn", "50", "--test-ids", "d0022",
+                         "--top", "5", "--json")
+    assert code == 0, err
+    knn = json.loads(out)["knn"]
+    assert knn["scored_rows"] == 50 and knn["k"] == 50
+    overall = pd.read_csv(tmp_path / "overall.csv")
+    assert len(overall) == 50 and overall["loss_change_if_removed"].is_monotonic_increasing
+    assert set(pd.read_csv(tmp_path / "helpful.csv")["train_id"]) <= set(overall["id"])
+
+
+def test_auto_solver_and_check_reason(capsys, cfg):
+    code, out, err = run(capsys, "check", "-c", cfg, "--set", "solver.name=auto", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["solver"] == "direct" and "fits in memory" in doc["solver_reason"]
+    assert set(doc["solver_estimates"]) == {"direct", "cg", "lissa", "arnoldi", "ekfac"}
+    code, out, err = run(capsys, "check", "-c", cfg, "--set", "solver.name=auto", "--set",
+                         "solver.memory_limit_gb=0.000001", "--json")
+    assert json.loads(out)["solver"] == "ekfac"
+
+
+def test_approximate_solver_reports_agreement_with_exact(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--json", "--set",
+                         "solver.name=ekfac")
+    assert code == 0, err
+    check = json.loads(out)["exact_check"]
+    assert check["rows"] == 256 and check["self_influence_spearman_vs_direct"] > 0.95
