@@ -141,7 +141,8 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
                 prob[rows] = p_label.detach().double().cpu().numpy()
     with timer("loo_loss"):
         width = int(problem.objective.output_hessian(block.outputs[:1], block.targets[:1])[0].shape[1])
-        newton = (isinstance(solver, Factored) and width <= NEWTON_LOO_MAX[0]
+        # the Newton form costs C half-solves per row (~C x the scoring pass): only when ranking by it
+        newton = (rank_by == "loo_loss" and isinstance(solver, Factored) and width <= NEWTON_LOO_MAX[0]
                   and problem.params.size <= NEWTON_LOO_MAX[1])
         loo = (loo_loss(problem, solver, progress=_phase(progress, "loo")).loo_loss if newton
                else loo_loss_first_order(loss, si, n))

@@ -242,6 +242,9 @@ def test_selfcheck_rank_by_and_signal_columns(capsys, cfg, tmp_path):
     assert list(table.columns) == SELFCHECK_HEADER.split(",") + ["loss_rank", "loo_loss", "source"]
     assert table["loss"].is_monotonic_decreasing and (table["loss_rank"] == np.arange(1, len(table) + 1)).all()
     assert (table["loo_loss"] >= table["loss"] - 1e-9).all()  # leaving a row out cannot make its fit better
+    code, out, _ = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--json", "--rank-by", "loo_loss")
+    assert json.loads(out)["loo_loss_method"] == "newton"
+    assert pd.read_csv(tmp_path / "selfcheck.csv")["loo_loss"].is_monotonic_decreasing
     code, _, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--rank-by", "nonsense")
     assert code == 2 and "--rank-by" in err
 
