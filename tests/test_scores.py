@@ -75,15 +75,19 @@ def _fit_to_optimum(case, exclude=None):
 
 @pytest.mark.slow
 def test_loss_change_agrees_with_leave_one_out_retraining():
-    """Koh & Liang's check: predicted vs actual change of a test loss over retrained removals."""
+    """Koh & Liang's check on the worst-predicted test example: 15 top-|influence| plus 15 random
+    training rows, each retrained to convergence; predicted vs actual change of its loss."""
     torch.manual_seed(0)
-    case = make_case("logreg", n=120, d=6, classes=3, weight_decay=1e-2, damping=0.0)
+    case = make_case("logreg", n=150, d=6, classes=3, weight_decay=1e-2, damping=0.0)
     first = _fit_to_optimum(case)
     assert first.grad_norm < 1e-7
     theta0 = {k: v.clone() for k, v in case.problem.model.state_dict().items()}
     g = torch.Generator().manual_seed(3)
-    x_test = torch.randn(1, 6, generator=g, dtype=torch.float64)
-    y_test = torch.tensor([1])
+    x_pool = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y_pool = torch.randint(0, 3, (40,), generator=g)
+    with torch.no_grad():
+        worst = int(case.problem.objective.per_example_loss(case.problem.model(x_pool), y_pool).argmax())
+    x_test, y_test = x_pool[worst : worst + 1], y_pool[worst : worst + 1]
 
     def test_loss():
         return float(case.problem.objective.per_example_loss(case.problem.model(x_test), y_test)[0])
@@ -93,10 +97,12 @@ def test_loss_change_agrees_with_leave_one_out_retraining():
     solver = make_solver(SolverConfig(name="direct", damping=0.0)).fit(case.problem)
     g_test = next(GradientSource(case.problem).per_example([(torch.tensor([0]), x_test, y_test)])).grads
     predicted = loss_change_if_removed(solver.ihvp(g_test), grads, case.problem.n)[0]
-    rows = torch.cat([predicted.abs().argsort(descending=True)[:10], torch.randperm(120, generator=g)[:10]]).unique()
+    top = predicted.abs().argsort(descending=True)[:15]
+    rest = torch.tensor([r for r in torch.randperm(150, generator=g).tolist() if r not in set(top.tolist())][:15])
+    rows = torch.cat([top, rest])
     actual = []
     for r in rows.tolist():
-        exclude = torch.zeros(120, dtype=torch.bool)
+        exclude = torch.zeros(150, dtype=torch.bool)
         exclude[r] = True
         case.problem.model.load_state_dict(theta0)
         assert _fit_to_optimum(case, exclude).grad_norm < 1e-7
@@ -105,8 +111,9 @@ def test_loss_change_agrees_with_leave_one_out_retraining():
     pred = predicted[rows].numpy()
     actual = np.array(actual)
     pearson = np.corrcoef(pred, actual)[0, 1]
-    assert pearson > 0.99, pearson
-    np.testing.assert_allclose(pred, actual, rtol=0.25, atol=1e-4)  # same scale, not only correlated
+    print(f"worst-predicted test example: Pearson {pearson:.4f} over {len(rows)} retrained rows")
+    assert len(rows) == 30 and pearson >= 0.95, pearson
+    np.testing.assert_allclose(pred, actual, rtol=0.3, atol=2e-3)  # same scale, not only correlated
 
 
 def test_flag_rule_robust_z():
