@@ -22,6 +22,7 @@ from rich.table import Table
 
 from . import pipeline, report, trust
 from .config import Config, load_config
+from .diff import diff_reports
 from .errors import InflError
 
 
@@ -229,6 +230,31 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
             ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
         if breached:
             ui.err.print(f"threshold: Pearson {s['pearson']:.4f} < --min-pearson {min_pearson}")
+    raise typer.Exit(1 if breached else 0)
+
+
+@app.command()
+def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier selfcheck report.")],
+         new_dir: Annotated[Path, typer.Argument(help="Folder of the later selfcheck report.")],
+         out: Annotated[Path | None, typer.Option("--out", "-o", help="Where diff.csv goes (default NEW_DIR).")]
+         = None, quiet: QuietOpt = False, as_json: JsonOpt = False, debug: DebugOpt = False,
+         fail_on_new: Annotated[int | None, typer.Option(
+             help="Exit 1 when more than this many rows are newly flagged.")] = None) -> None:
+    """Compare two selfcheck reports: new, persistent and resolved suspects (diff.csv)."""
+    ui = _UI(quiet, as_json)
+    with _run_command(debug):
+        frame, counts = diff_reports(old_dir, new_dir)
+        target = (out or (new_dir if new_dir.is_dir() else new_dir.parent)).resolve()
+        files = report.write_atomic(target, {"diff.csv": frame}, None)  # never touch NEW_DIR's manifest
+        breached = fail_on_new is not None and counts["new"] > fail_on_new
+        result = pipeline.Report({"diff.csv": frame}, {"command": "diff", **counts}, {})
+        ui.finish(result, files, {"threshold_breached": breached})
+        if ui.show:
+            ui.table("changes in flagged rows", frame, ["id", "status", "old_rank", "new_rank"], 20)
+            ui.out.print(f"new {counts['new']}, persistent {counts['persistent']}, resolved {counts['resolved']};"
+                         f" wrote {files[0]}")
+        if breached:
+            ui.err.print(f"threshold: {counts['new']} newly flagged rows > --fail-on-new {fail_on_new}")
     raise typer.Exit(1 if breached else 0)
 
 

@@ -7,13 +7,15 @@ A failed or killed run leaves the previous report untouched and no temp file beh
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 import resource
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,10 @@ def selfcheck_table(ids: Sequence[str], labels: Sequence[Any], predicted: Sequen
     return with_extra(table, extra, order)
 
 
-def write_atomic(out_dir: Path, tables: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any]) -> list[Path]:
-    """Write CSVs and manifest.json into out_dir all-or-nothing. Returns the final paths."""
+def write_atomic(out_dir: Path, tables: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any] | None) -> list[Path]:
+    """Write CSVs and manifest.json (unless None) into out_dir all-or-nothing. Returns the final paths.
+    Concurrent writers to one folder take turns (an exclusive flock on the folder), so a report is
+    never a mix of two runs: the later run's files replace the earlier run's as a whole."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -83,7 +87,24 @@ def write_atomic(out_dir: Path, tables: Mapping[str, pd.DataFrame], manifest: Ma
                           hint="pass --out DIR to a writable folder") from None
     payloads = {name: table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
                 for name, table in tables.items()}
-    payloads["manifest.json"] = json.dumps(_jsonable(manifest), indent=2, sort_keys=True) + "\n"
+    if manifest is not None:
+        payloads["manifest.json"] = json.dumps(_jsonable(manifest), indent=2, sort_keys=True) + "\n"
+    with _folder_lock(out_dir):
+        return _stage_and_replace(out_dir, payloads)
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another infl run writes this folder
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _stage_and_replace(out_dir: Path, payloads: Mapping[str, str]) -> list[Path]:
     staged: list[tuple[Path, Path]] = []
     try:
         for name, text in payloads.items():

@@ -317,3 +317,49 @@ def test_approximate_solver_reports_agreement_with_exact(capsys, cfg, tmp_path):
     assert code == 0, err
     check = json.loads(out)["exact_check"]
     assert check["rows"] == 256 and check["self_influence_spearman_vs_direct"] > 0.95
+
+
+def test_diff_new_persistent_resolved_and_fail_on_new(capsys, tmp_path):
+    def report(folder, rows):
+        folder.mkdir()
+        pd.DataFrame(rows, columns=["rank", "id", "label", "self_influence", "flagged"]).to_csv(
+            folder / "selfcheck.csv", index=False)
+        (folder / "manifest.json").write_text("{}")
+
+    report(tmp_path / "old", [(1, "a", 1, 9.0, True), (2, "b", 0, 5.0, True), (3, "c", 1, 1.0, False)])
+    report(tmp_path / "new", [(1, "c", 1, 8.0, True), (2, "a", 1, 7.0, True), (3, "b", 0, 0.5, False),
+                              (4, "d", 2, 0.1, False)])
+    code, out, err = run(capsys, "diff", str(tmp_path / "old"), str(tmp_path / "new"), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["new"], doc["persistent"], doc["resolved"]) == (1, 1, 1)
+    table = pd.read_csv(tmp_path / "new" / "diff.csv")
+    assert list(table["id"]) == ["c", "a", "b"] and list(table["status"]) == ["new", "persistent", "resolved"]
+    assert (tmp_path / "new" / "manifest.json").read_text() == "{}"  # the report itself is untouched
+    assert run(capsys, "diff", str(tmp_path / "old"), str(tmp_path / "new"), "--fail-on-new", "0", "--quiet")[0] == 1
+    code, _, err = run(capsys, "diff", str(tmp_path / "old"), str(tmp_path / "nowhere"))
+    assert code == 2 and err.startswith("error: NEW_DIR")
+
+
+def test_concurrent_writers_take_turns(tmp_path):
+    import threading
+
+    from influence_cli import report
+
+    barrier, done = threading.Barrier(4), []
+
+    def write(i):
+        barrier.wait()
+        frame = pd.DataFrame({"writer": [i] * 2000})
+        report.write_atomic(tmp_path, {"a.csv": frame, "b.csv": frame}, {"writer": i})
+        done.append(i)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert a["writer"].nunique() == 1 and a["writer"][0] == b["writer"][0] == manifest["writer"] == done[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "manifest.json"]
