@@ -25,7 +25,6 @@ from .config import Config, load_config
 from .diff import diff_reports
 from .errors import InflError
 
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
                   "training rows and the rows that help or hurt test predictions.")

@@ -117,7 +117,7 @@ class ParamSpace:
         """(p,) -> dict of (*shape); (k, p) -> dict of (k, *shape)."""
         lead = flat.shape[:-1]
         out, start = {}, 0
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             stop = start + shape.numel()
             out[name] = flat[..., start:stop].reshape(*lead, *shape)
             start = stop

@@ -27,9 +27,9 @@ from .config import Config
 from .data import Split, load_split, make_loader, validate_labels
 from .errors import ConfigError
 from .gradients import BLOCK_BYTES, GradientSource
+from .groups import group_effects, mean_loss_hvp
 from .models import build_model, load_model, output_width, resolve_device, save_checkpoint, sha256_file
 from .objective import Objective, ParamSpace, Problem
-from .groups import group_effects, mean_loss_hvp
 from .scores import flag_rows, loss_change_if_removed, self_influence
 from .signals import loo_loss, loo_loss_first_order, loss_rank
 from .solvers import SOLVERS, Factored, choose, make_solver
@@ -201,7 +201,7 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
             total += block.grads.double().sum(0)
             test_loss += float(block.losses.double().sum())
             if keep_all:
-                kept.update(zip(block.idx.tolist(), block.grads.double()))
+                kept.update(zip(block.idx.tolist(), block.grads.double(), strict=True))
         mean_grad = total / t_count
     candidates, neighbors = None, None
     if knn is not None:
@@ -223,7 +223,7 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
                 grads = torch.stack([kept[r] for r in block_rows])
             else:
                 sub = _Cast(_only_rows(make_loader(test, cfg.batch_size), block_rows, test.n), dtype)
-                got = {r: g for b in source.per_example(sub, test.ids) for r, g in zip(b.idx.tolist(), b.grads)}
+                got = {r: g for b in source.per_example(sub, test.ids) for r, g in zip(b.idx.tolist(), b.grads, strict=True)}
                 grads = torch.stack([got[r] for r in block_rows]).double()
             first = start == 0
             targets = torch.cat([grads, mean_grad[None]]) if first else grads

@@ -27,8 +27,15 @@ from .gradients import GradientSource
 from .groups import group_effects, mean_loss_hvp
 from .scores import loss_change_if_removed
 from .solvers import make_solver
-from .verify import (choose_rows, correlations, estimate_seconds, mean_test_loss, retrain_effects, retrain_groups,
-                     retrain_reference)
+from .verify import (
+    choose_rows,
+    correlations,
+    estimate_seconds,
+    mean_test_loss,
+    retrain_effects,
+    retrain_groups,
+    retrain_reference,
+)
 
 FACTORS = (0.1, 10.0)
 
