@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from influence_cli import pipeline
+from influence_cli import pipeline, ranking
 from influence_cli.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def run(config: str, overrides: list[str]) -> tuple[pipeline.Report, pipeline.Report, float]:
     cfg = load_config(config, overrides)
     start = time.perf_counter()
-    ranked = pipeline.rank(cfg)
+    ranked = ranking.rank(cfg)
     seconds = time.perf_counter() - start
     return ranked, pipeline.selfcheck(cfg), seconds
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import pipeline, report, trust
+from . import pipeline, ranking, report, trust
 from .config import Config, load_config
 from .diff import diff_reports
 from .errors import InflError
@@ -180,7 +180,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
         cfg = load_config(config, set_ or [])
         ids = _split_ids(test_ids)
         with ui.progress() as progress:
-            result = pipeline.rank(cfg, progress, top=top, test_ids=ids, group_by=group_by, knn=knn,
+            result = ranking.rank(cfg, progress, top=top, test_ids=ids, group_by=group_by, knn=knn,
                                    knn_metric=knn_metric)
             if damping_sweep:
                 trust.attach_sweep(result, trust.damping_sweep(cfg, "rank", result, progress, test_ids=ids))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import pipeline
+from . import pipeline, ranking
 from .config import Config
 from .errors import ConfigError
 from .gradients import GradientSource
@@ -56,7 +56,7 @@ def damping_sweep(cfg: Config, command: str, base: pipeline.Report, progress: pi
     for factor in FACTORS:
         alt_cfg = damped(cfg, factor)
         alt = (pipeline.selfcheck(alt_cfg, progress) if command == "selfcheck"
-               else pipeline.rank(alt_cfg, progress, test_ids=test_ids))
+               else ranking.rank(alt_cfg, progress, test_ids=test_ids))
         values = alt.tables[table].set_index("id")[column].loc[reference.index]
         out[f"x{factor:g}"] = {"damping": alt_cfg.solver.damping, **_agreement(reference, values, command)}
     return out
@@ -83,8 +83,8 @@ def verify(cfg: Config, progress: pipeline.ProgressFn | None = None, samples: in
         inp = pipeline.load_inputs(cfg, need_test=True)
     problem, train, test = inp.problem, inp.train, inp.test
     assert test is not None
-    rows_t = pipeline._select_test_rows(test, test_ids)
-    group_map = pipeline.group_rows(train, group_by) if groups or group_by else None
+    rows_t = ranking._select_test_rows(test, test_ids)
+    group_map = ranking.group_rows(train, group_by) if groups or group_by else None
     if (groups or group_by) and group_map is None:
         raise ConfigError("--groups: data.train.group is not set", hint="set it, or pass --group-by COLUMN")
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
