@@ -294,7 +294,8 @@ def exact_agreement(inp: Inputs, solver: Any, source: GradientSource) -> dict[st
         return None
     exact = DirectSolver(inp.cfg.solver).fit(problem)
     generator = torch.Generator().manual_seed(inp.cfg.seed)
-    rows = torch.randperm(problem.n, generator=generator)[:EXACT_CHECK_ROWS].sort().values
+    count = EXACT_CHECK_ROWS if isinstance(solver, Factored) else 16  # cg/lissa: every row is a solve
+    rows = torch.randperm(problem.n, generator=generator)[:count].sort().values
     sample = _only_rows(problem.train_loader, rows.tolist(), problem.n)
     grads = torch.cat([b.grads for b in source.per_example(sample, inp.train.ids)])
     mine, ref = self_influence(grads, solver).cpu().numpy(), self_influence(grads, exact).cpu().numpy()

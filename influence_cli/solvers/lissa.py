@@ -12,7 +12,11 @@ call so that ihvp is linear and batch-independent); x_j = h_j / scale is then SG
 0.5 x^T A x - v^T x, so with minibatches we return the Polyak-Ruppert mean of x_j over the last half
 of the depth, which removes most of the minibatch noise that the last iterate keeps. `repeats`
 independent runs are averaged. With batch_size >= n every step is the full-data HVP: the recursion is
-deterministic (Richardson iteration), one run, and the last iterate is returned.
+deterministic (Richardson iteration), one run, the last iterate is returned, and a column stops once
+its step h_j - h_{j-1} (= its exact residual v - A x_{j-1}) is <= tol ||v||.
+Measured on the digits logreg (650 params, condition number ~350, scale auto = 0.45): full-data
+steps reach 7e-2 / 8e-3 / 1e-4 relative error at depth 400 / 800 / 1600; minibatches of 256 rows
+reach 2.4e-2 at depth 1000 and 1.4e-2 at 2000 (Spearman of train->test influence with direct 0.9998).
 
 `scale: auto`: lambda_max(A) by power iteration on full-data HVPs (and, with minibatches, on a few
 minibatch Hessians, whose top eigenvalue is larger); scale = SAFETY * max / 2, SAFETY = 1.25, i.e.
@@ -22,8 +26,9 @@ scale ||v|| / (damping + weight_decay) that a converging recursion with a convex
 raises DataError.
 
 Cost: per solve, repeats * depth minibatch HVPs (~4 batch_size p flops each), plus one full-data HVP
-pass that measures the true relative residual ||v - A x|| / ||v|| (reported). Fit: up to POWER_ITERS
-full passes with scale auto. Self-influence of all n rows is n solves, batched k rows at a time.
+pass that measures the true relative residual ||v - A x|| / ||v|| (reported; a warning above
+RESIDUAL_WARN). Fit with scale auto: up to POWER_ITERS full passes, plus BATCH_PROBES x POWER_ITERS
+minibatch HVPs with minibatches (each pass applies H to a block of POWER_BLOCK vectors). Self-influence of all n rows is n solves, batched k rows at a time.
 """
 
 from __future__ import annotations
