@@ -116,11 +116,10 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
         inp = load_inputs(cfg)
     problem, train = inp.problem, inp.train
     source = GradientSource(problem)
-    with timer("checkpoint_gradient"):
-        value, grad_j = source.objective_gradient()
     with timer("fit"):
         solver = make_solver(cfg.solver, problem).fit(problem, _phase(progress, "fit"))
     n = train.n
+    grad_sum = torch.zeros(problem.params.size, dtype=torch.float64, device=inp.device)
     si, loss = np.zeros(n), np.zeros(n)
     pred = np.zeros(n) if cfg.task == "regression" else np.zeros(n, dtype=np.int64)
     prob = None if cfg.task == "regression" else np.zeros(n)
@@ -131,12 +130,23 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
                   else source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n))
         for block in blocks:
             rows = block.idx.numpy()
-            si[rows] = (block.self_influence if fast is not None else self_influence(block.grads, solver)).cpu().numpy()
+            if fast is None:
+                si[rows] = self_influence(block.grads, solver).cpu().numpy()
+                grad_sum += block.grads.double().sum(0)  # the objective's gradient, for free
+            else:
+                si[rows] = block.self_influence.cpu().numpy()
             loss[rows] = block.losses.detach().double().cpu().numpy()
             p_hat, p_label = problem.objective.predict(block.outputs, block.targets)
             pred[rows] = p_hat.detach().cpu().numpy()
             if prob is not None:
                 prob[rows] = p_label.detach().double().cpu().numpy()
+    with timer("checkpoint_gradient"):
+        if fast is None:  # J = mean loss + reg; grad J = mean g_i + wd theta, from the pass just made
+            flat = problem.params.flatten(problem.params.values(problem.model)).double()
+            value = float(loss.mean()) + float(problem.objective.regularizer(flat))
+            grad_j = grad_sum / n + problem.objective.weight_decay * flat
+        else:
+            value, grad_j = source.objective_gradient()
     with timer("loo_loss"):
         width = int(problem.objective.output_hessian(block.outputs[:1], block.targets[:1])[0].shape[1])
         # the Newton form costs C half-solves per row (~C x the scoring pass): only when ranking by it

@@ -104,3 +104,19 @@ def test_linear_head_of_a_network(select):
     generic = source.hvp(torch.eye(p, dtype=torch.float64))
     torch.testing.assert_close(source.dense_hessian(), 0.5 * (generic + generic.T), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(source.dense_hessian(), case.exact_hessian(), rtol=1e-9, atol=1e-11)
+
+
+def test_selfcheck_gradient_norm_equals_the_objective_gradient(tmp_path):
+    """selfcheck derives grad J from its per-example pass; it must equal the direct computation."""
+    from pathlib import Path
+
+    from influence_cli import pipeline
+    from influence_cli.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "digits.yaml", [f"output.dir={tmp_path}"])
+    result = pipeline.selfcheck(cfg)
+    inp = pipeline.load_inputs(cfg)
+    value, grad = GradientSource(inp.problem).objective_gradient()
+    assert result.summary["objective_at_checkpoint"] == pytest.approx(value, rel=1e-6)
+    assert result.summary["grad_norm_at_checkpoint"] == pytest.approx(float(grad.norm()), rel=1e-3, abs=1e-7)
