@@ -258,9 +258,10 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
 
 
 @app.command()
-def train(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False,
-          debug: DebugOpt = False) -> None:
-    """Train the configured model on the training set and write model.checkpoint."""
+def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+          as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Train the configured model on the training set and write model.checkpoint (--out is accepted
+    as on every command; the checkpoint goes to model.checkpoint)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
         cfg = load_config(config, set_ or [])
@@ -276,9 +277,10 @@ def train(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, as_js
 
 
 @app.command()
-def check(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False,
-          debug: DebugOpt = False) -> None:
-    """Validate the config, load data and model, estimate time and memory; computes nothing heavy."""
+def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+          as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Validate the config, load data and model, estimate time and memory; computes nothing heavy
+    and writes nothing (--out is accepted as on every command)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
         cfg = load_config(config, set_ or [])

@@ -363,3 +363,13 @@ def test_concurrent_writers_take_turns(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert a["writer"].nunique() == 1 and a["writer"][0] == b["writer"][0] == manifest["writer"] == done[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "manifest.json"]
+
+
+@pytest.mark.parametrize("command", ["selfcheck", "rank", "verify", "train", "check"])
+def test_every_spec_command_takes_the_common_options(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for option in ("--config", "-c", "--out", "-o", "--set", "--quiet", "--json"):
+        assert option in out, (command, option)
