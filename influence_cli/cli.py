@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # click's UsageError family
             raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `infl`: the help, on stderr, exit 2
+            _stderr().print(e.format_message())
+            sys.exit(2)
         _stderr().print(f"error: {e.format_message()}")
         ctx = getattr(e, "ctx", None)
         if ctx is not None:
