@@ -18,7 +18,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -174,6 +174,17 @@ def validate_labels(split: Split, task: str, num_outputs: int) -> None:
         raise DataError(f"{key}: {first}{more} is not 0 or 1, as task binary needs")
     raise DataError(f"{key}: {first}{more} is out of range for a model with {num_outputs} classes "
                     "(model.kwargs.num_classes)", hint="raise model.kwargs.num_classes or fix the labels")
+
+
+class CastLoader:
+    """A re-iterable loader of (row_idx, x, y) whose floating inputs are cast to the compute dtype."""
+
+    def __init__(self, loader: Any, dtype: torch.dtype) -> None:
+        self.loader, self.dtype = loader, dtype
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for idx, x, y in self.loader:
+            yield idx, (x.to(self.dtype) if x.is_floating_point() else x), y
 
 
 def make_loader(split: Split, batch_size: int, *, shuffle: bool = False,

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import report
 from .config import Config
-from .data import Split, load_split, make_loader, validate_labels
+from .data import CastLoader, Split, load_split, make_loader, validate_labels
 from .errors import ConfigError
 from .gradients import GradientSource
 from .models import build_model, load_model, output_width, resolve_device, save_checkpoint, sha256_file
@@ -79,8 +79,7 @@ def load_inputs(cfg: Config, *, need_test: bool = False, fresh_model: bool = Fal
     train = load_split(cfg.data.train, "train", cfg.task)
     test = None
     if need_test:
-        if cfg.data.test is None:
-            raise ConfigError("data.test: required for this command", hint="add a data.test block like data.train")
+        require_test(cfg.data.test)
         test = load_split(cfg.data.test, "test", cfg.task, classes=train.classes)
     if fresh_model:
         model = build_model(cfg.model).to(device=device, dtype=dtype).eval()
@@ -95,7 +94,7 @@ def load_inputs(cfg: Config, *, need_test: bool = False, fresh_model: bool = Fal
     for p in model.parameters():
         p.requires_grad_(False)
     params = ParamSpace.select(model, cfg.params)
-    loader = _Cast(make_loader(train, cfg.batch_size), dtype)
+    loader = CastLoader(make_loader(train, cfg.batch_size), dtype)
     problem = Problem(model=model, objective=Objective(cfg.task, cfg.weight_decay), params=params,
                       train_loader=loader, n=train.n, damping=cfg.solver.damping, hessian=cfg.solver.hessian,
                       seed=cfg.seed)
@@ -104,6 +103,13 @@ def load_inputs(cfg: Config, *, need_test: bool = False, fresh_model: bool = Fal
 
 RANK_BY = ("self_influence", "loo_loss", "loss")
 NEWTON_LOO_MAX = (64, 50_000)  # Newton LOO needs C half-solves per row: only up to C outputs, p parameters
+
+
+def require_test(split: Any) -> Any:
+    """The test split (config block or loaded Split); ConfigError when the config has none."""
+    if split is None:
+        raise ConfigError("data.test: required for this command", hint="add a data.test block like data.train")
+    return split
 
 
 def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "self_influence") -> Report:
@@ -189,7 +195,7 @@ def train(cfg: Config, progress: ProgressFn | None = None) -> Report:
     for p in model.parameters():
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(cfg.seed)
-    shuffled = _Cast(make_loader(inp.train, cfg.batch_size, shuffle=True, generator=generator), final_dtype)
+    shuffled = CastLoader(make_loader(inp.train, cfg.batch_size, shuffle=True, generator=generator), final_dtype)
     with timer("train"):
         result = _minimize_all(cfg, inp, final_dtype, shuffled, progress)
         selected = [dict(model.named_parameters())[n] for n in problem.params.names]
@@ -197,7 +203,7 @@ def train(cfg: Config, progress: ProgressFn | None = None) -> Report:
         if cfg.train.optimizer != "lbfgs" and cfg.train.polish:
             # influence needs a stationary point in the parameters it differentiates: finish those with L-BFGS
             model.to(torch.float64)
-            polished = minimize(model, selected, problem.objective, _Cast(make_loader(inp.train, cfg.batch_size),
+            polished = minimize(model, selected, problem.objective, CastLoader(make_loader(inp.train, cfg.batch_size),
                                 torch.float64), problem.n, replace(cfg.train, optimizer="lbfgs", lr=1.0, epochs=200),
                                 progress=_phase(progress, "polish"))
     model.to(final_dtype)
@@ -223,7 +229,7 @@ def _minimize_all(cfg: Config, inp: Inputs, dtype: torch.dtype, shuffled: Any, p
     model, problem = inp.problem.model, inp.problem
     work = torch.float64 if cfg.train.optimizer == "lbfgs" else dtype
     model.to(work)
-    loader = _Cast(make_loader(inp.train, cfg.batch_size), work)
+    loader = CastLoader(make_loader(inp.train, cfg.batch_size), work)
     return minimize(model, list(model.parameters()), problem.objective, loader, problem.n, cfg.train,
                     shuffled=shuffled, progress=_phase(progress, "train"))
 
@@ -265,17 +271,6 @@ class _Rows:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         yield self.idx, self.x, self.y
-
-
-class _Cast:
-    """A re-iterable loader whose floating inputs are cast to the compute dtype."""
-
-    def __init__(self, loader: Any, dtype: torch.dtype) -> None:
-        self.loader, self.dtype = loader, dtype
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        for idx, x, y in self.loader:
-            yield idx, (x.to(self.dtype) if x.is_floating_point() else x), y
 
 
 class _only_rows:  # noqa: N801 - used like a function

@@ -19,12 +19,12 @@ from torch import Tensor
 
 from . import report
 from .config import Config
-from .data import Split, make_loader
+from .data import CastLoader, Split, make_loader
 from .errors import ConfigError
 from .gradients import BLOCK_BYTES, GradientSource
 from .groups import group_effects, mean_loss_hvp
 from .objective import Problem
-from .pipeline import ProgressFn, Report, Timer, _Cast, _finish, _only_rows, _phase, _Rows, load_inputs
+from .pipeline import ProgressFn, Report, Timer, _finish, _only_rows, _phase, _Rows, load_inputs, require_test
 from .scores import loss_change_if_removed
 from .solvers import make_solver
 
@@ -40,17 +40,14 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
     timer = Timer()
     with timer("load"):
         inp = load_inputs(cfg, need_test=True)
-    problem, train, test = inp.problem, inp.train, inp.test
-    assert test is not None
+    problem, train, test = inp.problem, inp.train, require_test(inp.test)
     rows = _select_test_rows(test, test_ids)
     groups = group_rows(train, group_by)
     source = GradientSource(problem)
-    with timer("checkpoint_gradient"):
-        value, grad_j = source.objective_gradient()
     with timer("fit"):
         solver = make_solver(cfg.solver, problem).fit(problem, _phase(progress, "fit"))
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    test_loader = _Cast(_only_rows(make_loader(test, cfg.batch_size), rows, test.n), dtype)
+    test_loader = CastLoader(_only_rows(make_loader(test, cfg.batch_size), rows, test.n), dtype)
     p, t_count, n = problem.params.size, len(rows), train.n
     with timer("test_gradients"):
         kept: dict[int, Tensor] = {}
@@ -74,15 +71,15 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
     helpful = (torch.full((t_count, k), -math.inf, dtype=torch.float64), torch.zeros((t_count, k), dtype=torch.long))
     harmful = (torch.full((t_count, k), math.inf, dtype=torch.float64), torch.zeros((t_count, k), dtype=torch.long))
     overall = np.zeros(n) if candidates is None else np.full(n, np.nan)
+    grad_sum, loss_sum = torch.zeros(p, dtype=torch.float64, device=inp.device), 0.0
     per_block = max(1, BLOCK_BYTES // (8 * p))
-    position = {r: i for i, r in enumerate(rows)}
     with timer("score"):
         for start in range(0, t_count, per_block):
             block_rows = rows[start : start + per_block]
             if keep_all:
                 grads = torch.stack([kept[r] for r in block_rows])
             else:
-                sub = _Cast(_only_rows(make_loader(test, cfg.batch_size), block_rows, test.n), dtype)
+                sub = CastLoader(_only_rows(make_loader(test, cfg.batch_size), block_rows, test.n), dtype)
                 got = {r: g for b in source.per_example(sub, test.ids) for r, g in zip(b.idx.tolist(), b.grads, strict=True)}
                 grads = torch.stack([got[r] for r in block_rows]).double()
             first = start == 0
@@ -95,6 +92,8 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
                 scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
                 if first:
                     overall[b.idx.numpy()] = scores[-1].numpy()
+                    grad_sum += b.grads.double().sum(0)  # grad J from this pass (when it covers every row)
+                    loss_sum += float(b.losses.double().sum())
                     scores = scores[:-1]
                 if neighbors is not None:  # FastIF: each test row only ranks its own nearest training rows
                     allowed = (neighbors[lo:hi, :, None] == b.idx[None, None, :]).any(dim=1)
@@ -103,7 +102,13 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
                     continue
                 _merge_top(helpful, lo, hi, scores, b.idx, largest=True)
                 _merge_top(harmful, lo, hi, scores, b.idx, largest=False)
-    del position
+    with timer("checkpoint_gradient"):
+        if candidates is None:  # J = mean loss + reg; grad J = mean g_i + wd theta, from the first pass
+            flat = problem.params.flatten(problem.params.values(problem.model)).double()
+            value = loss_sum / n + float(problem.objective.regularizer(flat))
+            grad_j = grad_sum / n + problem.objective.weight_decay * flat
+        else:  # --knn streamed only the candidates
+            value, grad_j = source.objective_gradient()
     test_label_names = test.label_names(test.labels[rows])
     train_names = train.label_names(train.labels)
     tables = {

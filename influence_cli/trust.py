@@ -22,6 +22,7 @@ import torch
 
 from . import pipeline, ranking
 from .config import Config
+from .data import CastLoader
 from .errors import ConfigError
 from .gradients import GradientSource
 from .groups import group_effects, mean_loss_hvp
@@ -81,14 +82,13 @@ def verify(cfg: Config, progress: pipeline.ProgressFn | None = None, samples: in
     timer = pipeline.Timer()
     with timer("load"):
         inp = pipeline.load_inputs(cfg, need_test=True)
-    problem, train, test = inp.problem, inp.train, inp.test
-    assert test is not None
+    problem, train, test = inp.problem, inp.train, pipeline.require_test(inp.test)
     rows_t = ranking._select_test_rows(test, test_ids)
     group_map = ranking.group_rows(train, group_by) if groups or group_by else None
     if (groups or group_by) and group_map is None:
         raise ConfigError("--groups: data.train.group is not set", hint="set it, or pass --group-by COLUMN")
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    test_loader = pipeline._Cast(pipeline._only_rows(pipeline.make_loader(test, cfg.batch_size), rows_t, test.n),
+    test_loader = CastLoader(pipeline._only_rows(pipeline.make_loader(test, cfg.batch_size), rows_t, test.n),
                                  dtype)
     source = GradientSource(problem)
     with timer("test_gradients"):
@@ -110,7 +110,7 @@ def verify(cfg: Config, progress: pipeline.ProgressFn | None = None, samples: in
     if cfg.train.optimizer != "lbfgs":
         def shuffled() -> Any:
             generator = torch.Generator().manual_seed(cfg.seed)
-            return pipeline._Cast(pipeline.make_loader(train, cfg.batch_size, shuffle=True, generator=generator), dtype)
+            return CastLoader(pipeline.make_loader(train, cfg.batch_size, shuffle=True, generator=generator), dtype)
     threads = 1 if problem.params.size < 100_000 else None
     with timer("retrain"):
         reference = retrain_reference(problem, test_loss, cfg.train, shuffled, test_ihvp_mean=mean_ihvp)

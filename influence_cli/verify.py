@@ -32,7 +32,7 @@ import math
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig
+from .data import CastLoader
 from .errors import ConfigError
 from .objective import Objective, Problem
 from .train import minimize
@@ -216,15 +217,6 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-class _CastLoader:
-    def __init__(self, loader: Loader, dtype: torch.dtype) -> None:
-        self.loader, self.dtype = loader, dtype
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        for idx, x, y in self.loader:
-            yield idx, (x.to(self.dtype) if x.is_floating_point() else x), y
-
-
 class _Retrainer:
     """A private copy of the model whose selected parameters are retrained from the checkpoint."""
 
@@ -240,7 +232,7 @@ class _Retrainer:
             p.requires_grad_(False)
         self.params = [named[name] for name in problem.params.names]
         self.start = [p.detach().clone() for p in self.params]
-        self.loader = _CastLoader(problem.train_loader, dtype)
+        self.loader = CastLoader(problem.train_loader, dtype)
         self.dtype = dtype
 
     def residual_effect(self, exclude: Tensor | None) -> float:
@@ -268,7 +260,7 @@ class _Retrainer:
         exclude = torch.zeros(self.problem.n, dtype=torch.bool)
         exclude[torch.as_tensor(rows, dtype=torch.long)] = True
         torch.manual_seed(self.problem.seed)
-        shuffled = _CastLoader(self.shuffled(), self.dtype) if self.shuffled is not None else None
+        shuffled = CastLoader(self.shuffled(), self.dtype) if self.shuffled is not None else None
         try:
             result = minimize(self.model, self.params, self.problem.objective, self.loader, self.problem.n, self.config,
                               exclude=exclude if len(rows) else None, shuffled=shuffled)

@@ -17,15 +17,6 @@ from influence_cli.train import minimize
 EXACT = TrainConfig(optimizer="lbfgs", epochs=2000, tol=1e-11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny problems run ~50x slower with 2 intra-op threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def trained(kind: str, n: int = 40, **kw):
     case = make_case(kind, n=n, weight_decay=1e-2, damping=0.0, **kw)
     params = list(case.problem.model.parameters())

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import EkfacConfig, SolverConfig
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, NotFittedError
 from ..gradients import BLOCK_BYTES
 from ..objective import Problem
 from .base import Cost, Progress, require_fitted
@@ -176,8 +176,7 @@ class EkfacSolver:
     def _apply(self, v: Tensor, power: float) -> list[Tensor]:
         """Per layer: U_S^T V U_A * diag^power, (k, out, in') float64, in the Kronecker eigenbasis."""
         layers = require_fitted(self, "_layers")
-        problem = self._problem
-        assert problem is not None
+        problem: Problem = require_fitted(self, "_problem")
         v64 = v.to(device=problem.device, dtype=torch.float64)
         tensors = problem.params.unflatten(v64)
         res = []
@@ -189,8 +188,8 @@ class EkfacSolver:
     def ihvp(self, v: Tensor) -> Tensor:
         """(H_ekfac + (weight_decay + damping) I)^-1 v for v (k, p) -> (k, p) float64."""
         rotated = self._apply(v, -1.0)
-        problem, layers = self._problem, self._layers
-        assert problem is not None and layers is not None
+        problem: Problem = require_fitted(self, "_problem")
+        layers = require_fitted(self, "_layers")
         shapes = dict(zip(problem.params.names, problem.params.shapes, strict=True))
         out: dict[str, Tensor] = {}
         for layer, mat in zip(layers, rotated, strict=True):
@@ -211,8 +210,7 @@ class EkfacSolver:
         batch's activations plus (B, out, in') for conv/sequence layers, chunked. DataError (naming `ids`, or row
         numbers) when a loss is NaN/inf."""
         layers = require_fitted(self, "_layers")
-        problem = self._problem
-        assert problem is not None
+        problem: Problem = require_fitted(self, "_problem")
         obj, done = problem.objective, 0
         first = next(iter(loader), None)
         if first is None:
@@ -390,8 +388,7 @@ def _pullback(out: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Ten
 def _sum_squared_projections(layer: _Layer, a: Tensor, gs: Tensor) -> Tensor:
     """sum over rows and pseudo-gradients of (U_S^T G U_A)^2, G = sum_t g_t a_t^T; (out, in') float64.
     a: (B, T, in'), gs: (m, B, T, out)."""
-    assert layer.u_a is not None and layer.u_s is not None
-    u_a, u_s = layer.u_a.to(a.dtype), layer.u_s.to(a.dtype)
+    u_a, u_s = _fitted(layer.u_a).to(a.dtype), _fitted(layer.u_s).to(a.dtype)
     a_rot, g_rot = a @ u_a, gs @ u_s
     if a.shape[1] == 1:  # Linear on 2-D input: G = g a^T, so (U_S^T G U_A)^2 = (U_S^T g)^2 (U_A^T a)^2^T
         g_sq = g_rot[:, :, 0].square().sum(dim=0)  # (B, out)
@@ -407,9 +404,9 @@ def _sum_squared_projections(layer: _Layer, a: Tensor, gs: Tensor) -> Tensor:
 
 def _quadratic_form(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
     """Per row: sum_kl (U_S^T G U_A)_kl^2 / diag_kl, G = sum_t g_t a_t^T. a: (B, T, in'), g: (B, T, out) -> (B,)."""
-    assert layer.u_a is not None and layer.u_s is not None and layer.diag is not None
-    a_rot, g_rot = a @ layer.u_a.to(a.dtype), g @ layer.u_s.to(g.dtype)
-    inv = layer.diag.reciprocal()
+    diag = _fitted(layer.diag)
+    a_rot, g_rot = a @ _fitted(layer.u_a).to(a.dtype), g @ _fitted(layer.u_s).to(g.dtype)
+    inv = diag.reciprocal()
     if a.shape[1] == 1:
         return ((g_rot[:, 0].double().square() @ inv) * a_rot[:, 0].double().square()).sum(dim=1)
     out, inp = layer.shape()
@@ -426,8 +423,7 @@ def _finish(layers: list[_Layer], problem: Problem) -> dict[str, Any]:
     shift, n = problem.objective.weight_decay + problem.damping, problem.n
     floored, info = 0, []
     for layer in layers:
-        assert layer.corrected is not None
-        diag = layer.corrected / n + shift
+        diag = _fitted(layer.corrected) / n + shift
         floor = EIGEN_FLOOR * float(diag.max())
         floored += int((diag < floor).sum())
         layer.diag, layer.corrected = diag.clamp_min(floor), None
@@ -460,3 +456,10 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
         return (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
     ph, pw = m.padding  # type: ignore[misc]
     return (pw, pw, ph, ph)
+
+
+def _fitted(value: Tensor | None) -> Tensor:
+    """A layer factor that `fit` computes; NotFittedError (not an assert, which -O removes) before."""
+    if value is None:
+        raise NotFittedError("solver ekfac: call fit() before using it")
+    return value
