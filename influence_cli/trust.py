@@ -92,7 +92,10 @@ def verify(cfg: Config, progress: pipeline.ProgressFn | None = None, samples: in
                                  dtype)
     source = GradientSource(problem)
     with timer("test_gradients"):
-        mean_grad = torch.cat([b.grads.double() for b in source.per_example(test_loader, test.ids)]).mean(0)
+        mean_grad = torch.zeros(problem.params.size, dtype=torch.float64, device=inp.device)
+        for b in source.per_example(test_loader, test.ids):  # summed as it streams: never (T, p) at once
+            mean_grad += b.grads.double().sum(0)
+        mean_grad /= len(rows_t)
     predictions, solvers = {}, {}
     for name, run_cfg in [("x1", cfg)] + [(f"x{f:g}", damped(cfg, f)) for f in FACTORS]:
         with timer("fit"):
