@@ -8,9 +8,12 @@ config, 3 unusable data or model, 4 internal error, 130 interrupted.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,15 +38,22 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress, no tables: only errors on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout and nothing else.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache (cache.dir) this run.")]
 
 
 def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
+def _terminate(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (cron timeouts, kill) stops like Ctrl-C: exit 130, finished shards kept
+
+
 @contextmanager
 def _run_command(debug: bool) -> Iterator[None]:
     """The one place errors become exit codes."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     except InflError as e:
@@ -56,7 +66,8 @@ def _run_command(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         if debug:
             raise
-        _stderr().print("error: interrupted; reports from earlier runs are untouched")
+        _stderr().print("error: interrupted; reports from earlier runs are untouched, finished shards are kept in"
+                        " the cache: rerun the same command to resume")
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
@@ -115,6 +126,14 @@ class _UI:
         self.out.print(table)
 
 
+def _cache_line(ui: _UI, summary: dict[str, Any]) -> None:
+    c = summary.get("cache", {})
+    if not c.get("enabled"):
+        return
+    fit = "reused the fitted curvature" if c.get("fit_reused") else "fitted the curvature"
+    ui.out.print(f"cache: {fit}, reused {c.get('shards_reused', 0)} of {c.get('shards', 0)} shards ({c['dir']})")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -129,6 +148,12 @@ def _out_dir(cfg: Config, out: Path | None) -> Path:
     return out.resolve() if out is not None else cfg.output.dir
 
 
+def _with_cache(cfg: Config, out: Path | None, no_cache: bool) -> Config:
+    """cache.dir defaults to <report folder>/.infl-cache; --no-cache turns the cache off."""
+    folder = cfg.cache.dir if cfg.cache.dir is not None else _out_dir(cfg, out) / ".infl-cache"
+    return replace(cfg, cache=replace(cfg.cache, dir=folder, enabled=cfg.cache.enabled and not no_cache))
+
+
 @app.command()
 def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
               as_json: JsonOpt = False, debug: DebugOpt = False,
@@ -139,11 +164,12 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
                   help="Sort by self_influence (SPEC), loo_loss (estimated leave-one-out loss) or loss.")]
               = "self_influence",
               damping_sweep: Annotated[bool, typer.Option(
-                  help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False) -> None:
+                  help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False,
+              no_cache: NoCacheOpt = False) -> None:
     """Self-influence of every training example; flags likely label errors (selfcheck.csv)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = load_config(config, set_ or [])
+        cfg = _with_cache(load_config(config, set_ or []), out, no_cache)
         with ui.progress() as progress:
             result = pipeline.selfcheck(cfg, progress, rank_by=rank_by)
             if damping_sweep:
@@ -156,6 +182,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
             ui.table("most self-influential training examples", result.tables["selfcheck.csv"],
                      ["rank", "id", "label", "predicted", "prob_label", "self_influence", "flagged"], top)
             ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); wrote {files[0]}")
+            _cache_line(ui, s)
         if breached:
             ui.err.print(f"threshold: flagged fraction {result.summary['flagged_fraction']:.4f} > --fail-above "
                          f"{fail_above}")
@@ -173,11 +200,12 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
              help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False,
          knn: Annotated[int | None, typer.Option(
              help="FastIF: score only each test row's K nearest training rows (penultimate features).")] = None,
-         knn_metric: Annotated[str, typer.Option(help="cosine or l2, for --knn.")] = "cosine") -> None:
+         knn_metric: Annotated[str, typer.Option(help="cosine or l2, for --knn.")] = "cosine",
+         no_cache: NoCacheOpt = False) -> None:
     """Influence of every training example on test examples (helpful/harmful/overall.csv)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = load_config(config, set_ or [])
+        cfg = _with_cache(load_config(config, set_ or []), out, no_cache)
         ids = _split_ids(test_ids)
         with ui.progress() as progress:
             result = ranking.rank(cfg, progress, top=top, test_ids=ids, group_by=group_by, knn=knn,
@@ -193,6 +221,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
             helpful = overall.iloc[::-1].reset_index(drop=True)
             ui.table("most helpful to the mean test loss", helpful, cols, top)
             ui.out.print(f"{result.summary['test_examples']} test examples; wrote {', '.join(str(f) for f in files)}")
+            _cache_line(ui, result.summary)
     raise typer.Exit(0)
 
 

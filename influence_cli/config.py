@@ -177,6 +177,19 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """Fitted curvature and finished shards, keyed by content (README, "Caching and resuming")."""
+
+    enabled: bool = True  # the CLI's --no-cache turns it off for one run
+    dir: Path | None = field(default=None, metadata=_OUT_PATH)  # default: <report folder>/.infl-cache
+    max_gb: float = 10.0  # least recently used entries go beyond this
+    shard_rows: int = 8192  # rows per committed shard (rounded up to a multiple of batch_size)
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_gb", "shard_rows")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_REQUIRED)
     data: DataConfig = field(default_factory=DataConfig, metadata=_REQUIRED)
@@ -191,6 +204,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     selfcheck: SelfcheckConfig = field(default_factory=SelfcheckConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     source: Path | None = field(default=None, metadata={"internal": True})  # the YAML file
 
     def __post_init__(self) -> None:

@@ -188,17 +188,23 @@ class CastLoader:
 
 
 def make_loader(split: Split, batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> DataLoader:
+                generator: torch.Generator | None = None, rows: range | None = None) -> DataLoader:
     """Batches `(row_idx (B,) int64, x (B, ...), y (B, ...))`, in row order unless `shuffle`.
+    `rows` (in order only): just these rows; a range starting at a multiple of batch_size yields
+    the same batches as the full loader does there (how shards skip finished work unread).
 
     In-memory data comes out a batch at a time with no per-row Python work: in row order the x and
     y of a batch are views of the split's tensors (do not write to them), shuffled they are one
     index_select. Lazy data is read row by row in this process (num_workers=0).
     """
     fast = isinstance(split.dataset, TensorRows)
-    rows: Dataset = _SlicedRows(split.dataset, not shuffle) if fast else _IndexedRows(split.dataset)
-    sampler = RandomSampler(rows, generator=generator) if shuffle else SequentialSampler(rows)
-    return DataLoader(rows, batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
+    dataset: Dataset = _SlicedRows(split.dataset, not shuffle) if fast else _IndexedRows(split.dataset)
+    sampler: Any = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    if rows is not None:
+        if shuffle:
+            raise ValueError("make_loader: rows= needs shuffle=False")
+        sampler = range(max(rows.start, 0), min(rows.stop, len(dataset)))
+    return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
                       collate_fn=_identity if fast else default_collate, num_workers=0)
 
 

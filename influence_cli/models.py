@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .data import import_object
+from .report import FILE_MODE
 from .errors import ConfigError, DataError
 
 _KEYS_SHOWN = 5
@@ -194,6 +195,7 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import report
+from . import report, resume
+from .cache import Cache, content_key
 from .config import Config
 from .data import CastLoader, Split, load_split, make_loader, validate_labels
 from .errors import ConfigError
@@ -53,6 +55,11 @@ class Inputs:
     test: Split | None
     problem: Problem
     checkpoint_sha256: str | None
+
+    def train_rows(self, rows: range) -> CastLoader:
+        """The training loader restricted to contiguous `rows` (same batches as the full one there)."""
+        dtype = torch.float64 if self.cfg.dtype == "float64" else torch.float32
+        return CastLoader(make_loader(self.train, self.cfg.batch_size, rows=rows), dtype)
 
 
 class Timer:
@@ -120,41 +127,43 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
     timer = Timer()
     with timer("load"):
         inp = load_inputs(cfg)
-    problem, train = inp.problem, inp.train
-    source = GradientSource(problem)
+    problem, train, n = inp.problem, inp.train, inp.train.n
+    cache = resume.open_cache(cfg)
+    base = resume.base_key(cfg, problem, inp.checkpoint_sha256, train.fingerprint)
     with timer("fit"):
-        solver = make_solver(cfg.solver, problem).fit(problem, _phase(progress, "fit"))
-    n = train.n
-    grad_sum = torch.zeros(problem.params.size, dtype=torch.float64, device=inp.device)
+        solver = make_solver(cfg.solver, problem)
+        solver_parts = resume.solver_key(base, cfg, solver.name)
+        solver, fit_reused = resume.fit_solver(cache, solver, problem, solver_parts, _phase(progress, "fit"))
     si, loss = np.zeros(n), np.zeros(n)
     pred = np.zeros(n) if cfg.task == "regression" else np.zeros(n, dtype=np.int64)
     prob = None if cfg.task == "regression" else np.zeros(n)
+    grad_sum = torch.zeros(problem.params.size, dtype=torch.float64, device=inp.device)
+    # a solver that scores rows without their p-sized gradients (EK-FAC's outer products) does so
+    fast = getattr(solver, "self_influence_blocks", None)
+    ranges = resume.shard_ranges(n, cfg.cache.shard_rows, cfg.batch_size)
+    name = f"selfcheck-{content_key({**solver_parts, 'shards': [len(ranges), ranges[0].stop]})}"
+    reused = 0
     with timer("score"):
-        # a solver that scores rows without their p-sized gradients (EK-FAC's outer products) does so
-        fast = getattr(solver, "self_influence_blocks", None)
-        blocks = (fast(problem.train_loader, _phase(progress, "score"), n, train.ids) if fast is not None
-                  else source.per_example(problem.train_loader, train.ids, _phase(progress, "score"), n))
-        for block in blocks:
-            rows = block.idx.numpy()
-            if fast is None:
-                si[rows] = self_influence(block.grads, solver).cpu().numpy()
-                grad_sum += block.grads.double().sum(0)  # the objective's gradient, for free
-            else:
-                si[rows] = block.self_influence.cpu().numpy()
-            loss[rows] = block.losses.detach().double().cpu().numpy()
-            p_hat, p_label = problem.objective.predict(block.outputs, block.targets)
-            pred[rows] = p_hat.detach().cpu().numpy()
+        for rows, part, was_cached in resume.shards(
+                cache, name, ranges, partial(_score_rows, inp, solver, fast, progress), _phase(progress, "score")):
+            window = slice(rows.start, rows.stop)
+            si[window], loss[window], pred[window] = part["si"].numpy(), part["loss"].numpy(), part["pred"].numpy()
             if prob is not None:
-                prob[rows] = p_label.detach().double().cpu().numpy()
+                prob[window] = part["prob"].numpy()
+            if part["grad_sum"] is not None:
+                grad_sum += part["grad_sum"].to(inp.device)
+            reused += was_cached
     with timer("checkpoint_gradient"):
         if fast is None:  # J = mean loss + reg; grad J = mean g_i + wd theta, from the pass just made
             flat = problem.params.flatten(problem.params.values(problem.model)).double()
             value = float(loss.mean()) + float(problem.objective.regularizer(flat))
             grad_j = grad_sum / n + problem.objective.weight_decay * flat
         else:
-            value, grad_j = source.objective_gradient()
+            stored, _ = cache.cached(f"objective-gradient-{content_key(base)}", lambda: dict(
+                zip(("value", "grad"), GradientSource(problem).objective_gradient(), strict=True)))
+            value, grad_j = stored["value"], stored["grad"].to(inp.device)
     with timer("loo_loss"):
-        width = int(problem.objective.output_hessian(block.outputs[:1], block.targets[:1])[0].shape[1])
+        width = _output_width(inp)
         # the Newton form costs C half-solves per row (~C x the scoring pass): only when ranking by it
         newton = (rank_by == "loo_loss" and isinstance(solver, Factored) and width <= NEWTON_LOO_MAX[0]
                   and problem.params.size <= NEWTON_LOO_MAX[1])
@@ -180,7 +189,45 @@ def selfcheck(cfg: Config, progress: ProgressFn | None = None, rank_by: str = "s
     }
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
-    return _finish("selfcheck", inp, solver, timer, summary, {"selfcheck.csv": table})
+    summary["cache"] = {"fit_reused": fit_reused, "shards": len(ranges), "shards_reused": reused}
+    return _finish("selfcheck", inp, solver, timer, summary, {"selfcheck.csv": table}, cache, solver_parts)
+
+
+def _score_rows(inp: Inputs, solver: Any, fast: Any, progress: ProgressFn | None, rows: range,
+                done: int) -> dict[str, Any]:
+    """selfcheck's per-row results for one shard of training rows (contiguous `rows`)."""
+    problem, n, count = inp.problem, inp.train.n, len(rows)
+    loader = inp.train_rows(rows)
+    tick = _phase(progress, "score")
+    step = None if tick is None else (lambda d, _t: tick(done + d, n))
+    blocks = (fast(loader, step, n, inp.train.ids) if fast is not None
+              else GradientSource(problem).per_example(loader, inp.train.ids, step, n))
+    out = {"si": torch.zeros(count, dtype=torch.float64), "loss": torch.zeros(count, dtype=torch.float64),
+           "pred": torch.zeros(count, dtype=torch.float64 if inp.cfg.task == "regression" else torch.int64),
+           "prob": torch.zeros(count, dtype=torch.float64),
+           "grad_sum": None if fast is not None else torch.zeros(problem.params.size, dtype=torch.float64)}
+    for block in blocks:
+        local = block.idx - rows.start
+        if fast is None:
+            out["si"][local] = self_influence(block.grads, solver).cpu()
+            out["grad_sum"] += block.grads.double().sum(0).cpu()  # the objective's gradient, for free
+        else:
+            out["si"][local] = block.self_influence.double().cpu()
+        out["loss"][local] = block.losses.detach().double().cpu()
+        p_hat, p_label = problem.objective.predict(block.outputs, block.targets)
+        out["pred"][local] = p_hat.detach().cpu().to(out["pred"].dtype)
+        if p_label is not None:
+            out["prob"][local] = p_label.detach().double().cpu()
+    return out
+
+
+def _output_width(inp: Inputs) -> int:
+    """Columns of the output Hessian (C for C classes): one forward of the first training row."""
+    problem = inp.problem
+    _, x, y = next(iter(inp.train_rows(range(0, 1))))
+    with torch.no_grad():
+        out = problem.model(x.to(problem.device))
+    return int(problem.objective.output_hessian(out, y.to(problem.device))[0].shape[1])
 
 
 def train(cfg: Config, progress: ProgressFn | None = None) -> Report:
@@ -311,14 +358,26 @@ def exact_agreement(inp: Inputs, solver: Any, source: GradientSource) -> dict[st
 
 
 def _finish(command: str, inp: Inputs, solver: Any, timer: Timer, summary: dict[str, Any],
-            tables: dict[str, pd.DataFrame]) -> Report:
+            tables: dict[str, pd.DataFrame], cache: Cache | None = None, key: dict[str, Any] | None = None) -> Report:
+    cache = cache or Cache(None)
     if command in ("selfcheck", "rank"):
         with timer("exact_check"):
-            check = exact_agreement(inp, solver, GradientSource(inp.problem))
+            name = f"exact-check-{content_key(key or {})}"
+            check = cache.get(name) if key is not None else None
+            if check is None:
+                check = exact_agreement(inp, solver, GradientSource(inp.problem))
+                if key is not None:
+                    cache.put(name, {"check": check})
+            else:
+                check = check["check"]
         if check is not None:
             summary["exact_check"] = check
+    summary["cache"] = {**summary.get("cache", {}), **cache.summary(), "pruned": cache.prune()}
     described = solver.describe()
-    warnings = list(described.pop("warnings", []))
+    warnings = list(described.pop("warnings", [])) + cache.stats.warnings
+    if cache.stats.corrupt:
+        warnings.append(f"cache: {len(cache.stats.corrupt)} corrupt entries were ignored and recomputed"
+                        f" ({', '.join(cache.stats.corrupt[:3])})")
     grad_norm = summary.get("grad_norm_at_checkpoint", 0.0)
     if grad_norm > 1e-3:
         warnings.append(f"the checkpoint is not at a minimum of the objective (gradient norm {grad_norm:.3g}):"

@@ -26,6 +26,16 @@ import torch
 from .errors import ConfigError
 
 FLOAT_FORMAT = "%.9g"
+
+
+def _file_mode() -> int:
+    """0666 minus the umask: what a plain `open(..., "w")` would have given."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
 SELFCHECK_COLUMNS = ["rank", "id", "label", "predicted", "prob_label", "loss", "self_influence", "flagged",
                      "suggested_label"]
 PAIR_COLUMNS = ["test_id", "test_label", "rank", "train_id", "train_label", "loss_change_if_removed"]
@@ -110,17 +120,20 @@ def _stage_and_replace(out_dir: Path, payloads: Mapping[str, str]) -> list[Path]
         for name, text in payloads.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
             staged.append((Path(tmp), out_dir / name))
+            os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide the report from the rest of a team
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, final in staged:
             os.replace(tmp, final)
-    except OSError as e:
+    except BaseException as e:  # also Ctrl-C / SIGTERM mid-write: no temp file stays behind
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-        raise ConfigError(f"output folder {out_dir}: cannot write the report ({e.strerror})",
-                          hint="check free space and permissions, or pass --out DIR") from None
+        if isinstance(e, OSError):
+            raise ConfigError(f"output folder {out_dir}: cannot write the report ({e.strerror})",
+                              hint="check free space and permissions, or pass --out DIR") from None
+        raise
     _fsync_dir(out_dir)
     return [final for _, final in staged]
 

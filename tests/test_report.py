@@ -66,3 +66,13 @@ def test_sort_orders_break_ties_by_row():
     values = np.array([1.0, 3.0, 1.0, 3.0])
     assert list(report.order_desc(values)) == [1, 3, 0, 2]
     assert list(report.order_asc(values)) == [0, 2, 1, 3]
+
+
+
+def test_report_files_get_the_usual_permissions(tmp_path) -> None:
+    """Not mkstemp's 0600: teammates and other pipeline users must be able to read the report."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = report.write_atomic(tmp_path, {"a.csv": pd.DataFrame({"x": [1]})}, {"m": 1})
+    assert all((f.stat().st_mode & 0o777) == (0o666 & ~mask) for f in files)
+    assert 0o666 & ~mask != 0o600

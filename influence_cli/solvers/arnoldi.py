@@ -276,6 +276,14 @@ class ArnoldiSolver:
             info["warnings"] = warnings
         return info
 
+    def state(self) -> dict[str, Any]:
+        return {"vectors": require_fitted(self, "_vectors"), "values": self._values, "c": self._c, "info": self._info}
+
+    def load_state(self, state: dict[str, Any], problem: Problem) -> Self:
+        self._vectors, self._values = state["vectors"].to(problem.device), state["values"].to(problem.device)
+        self._c, self._info = state["c"], state["info"]
+        return self
+
     def ihvp(self, v: Tensor) -> Tensor:
         """U^T diag(1/|theta|) U v + (v - U^T U v) / c for v of shape (k, p); float64 result.
         Exact with rank >= p."""

@@ -49,6 +49,16 @@ class Factored(Protocol):
     def half_ihvp(self, v: Tensor) -> Tensor: ...
 
 
+@runtime_checkable
+class Stateful(Protocol):
+    """A solver whose fitted curvature can be stored and restored (the cache, cache.py). `state()`
+    holds tensors and plain values only; `load_state` returns the solver as `fit` would have left it."""
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any], problem: Problem) -> Self: ...
+
+
 def require_fitted(solver: Any, attr: str) -> Any:
     value = getattr(solver, attr, None)
     if value is None:

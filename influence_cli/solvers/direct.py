@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..config import SolverConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NotFittedError
 from ..gradients import GradientSource
 from ..objective import Problem
 from .base import Cost, Progress, gib, memory_limit, require_fitted
@@ -39,7 +39,7 @@ class DirectSolver:
         return Cost(memory_bytes=8 * p * p + 2**27, fit_flops=4.0 * n * p * p + p**3 / 3,
                     note="exact Hessian, float64")
 
-    def fit(self, problem: Problem, progress: Progress | None = None) -> Self:
+    def _check_memory(self, problem: Problem) -> None:
         p = problem.params.size
         need = self.estimate(self.config, problem.n, p).memory_bytes
         limit = memory_limit(self.config, problem.device)
@@ -48,6 +48,10 @@ class DirectSolver:
                 f"solver.name: direct needs {gib(need)} for the {p}x{p} Hessian but {gib(limit)} is available",
                 hint="use params: last_layer, a solver for large models, or raise solver.memory_limit_gb",
             )
+
+    def fit(self, problem: Problem, progress: Progress | None = None) -> Self:
+        self._check_memory(problem)
+        p = problem.params.size
         source = GradientSource(problem)
         hess = source.dense_hessian(torch.float64, progress)
         self._info = {"p": p, "hessian": problem.hessian, "damping": problem.damping}
@@ -76,6 +80,22 @@ class DirectSolver:
             f" value) and {tiny} below {floor:.3g} (raised to it); raise solver.damping or use"
             " solver.hessian: gauss_newton for a positive-definite curvature"
         ]
+        return self
+
+    def state(self) -> dict[str, Any]:
+        if self._chol is None and self._eig is None:
+            raise NotFittedError(f"solver {self.name}: call fit() before state()")
+        eig = self._eig or (None, None)
+        return {"chol": self._chol, "eig_values": eig[0], "eig_vectors": eig[1],
+                "info": self._info}
+
+    def load_state(self, state: dict[str, Any], problem: Problem) -> Self:
+        self._check_memory(problem)  # the stored factor is as large as a fitted one
+        device = problem.device
+        self._chol = None if state["chol"] is None else state["chol"].to(device)
+        self._eig = (None if state["eig_values"] is None
+                     else (state["eig_values"].to(device), state["eig_vectors"].to(device)))
+        self._info = state["info"]
         return self
 
     def ihvp(self, v: Tensor) -> Tensor:

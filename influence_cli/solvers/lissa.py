@@ -85,10 +85,7 @@ class LissaSolver:
     def fit(self, problem: Problem, progress: Progress | None = None) -> Self:
         """Choose the minibatches and, with scale: auto, the scale (power iteration on HVPs)."""
         c = self.config.lissa
-        source = GradientSource(problem)
-        first = next(iter(problem.train_loader))[1]
-        size = min(c.batch_size or len(first), problem.n)
-        batches = _Minibatches(problem.train_loader, size) if size < problem.n else None
+        source, batches, size = self._setup(problem)
         info: dict[str, Any] = {"name": self.name, "depth": c.depth, "batch_size": size,
                                 "minibatches": batches is not None,
                                 "repeats": c.repeats if batches is not None else 1,
@@ -116,6 +113,23 @@ class LissaSolver:
         if progress is not None:
             progress(1, 1)
         self._source, self._batches, self._info = source, batches, info
+        self._residuals, self._steps, self._unconverged = [], [], 0
+        return self
+
+    def _setup(self, problem: Problem) -> tuple[GradientSource, _Minibatches | None, int]:
+        first = next(iter(problem.train_loader))[1]
+        size = min(self.config.lissa.batch_size or len(first), problem.n)
+        batches = _Minibatches(problem.train_loader, size) if size < problem.n else None
+        return GradientSource(problem), batches, size
+
+    def state(self) -> dict[str, Any]:
+        require_fitted(self, "_source")
+        return {"info": self._info}
+
+    def load_state(self, state: dict[str, Any], problem: Problem) -> Self:
+        """The fit without its power iterations: the scale (the costly part) comes from `state`."""
+        self._source, self._batches, _ = self._setup(problem)
+        self._info = state["info"]
         self._residuals, self._steps, self._unconverged = [], [], 0
         return self
 

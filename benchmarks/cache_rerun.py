@@ -1,0 +1,74 @@
+"""A cached rerun of `infl selfcheck` against a cold run, and a rerun after a kill (issue 5).
+
+For each workload (benchmarks/selfcheck_scaling.py's synthetic 64-feature data; default: the MLP
+64-40-10 with its exact Hessian at n=5k, and the logistic regression at n=50k) it runs the real CLI
+in fresh processes:
+  cold     a fresh cache folder (fit + every shard computed and stored)
+  cached   the same command again (everything read back from the cache)
+  nocache  --no-cache (what the run costs without the cache: the write overhead is cold - nocache)
+and prints wall times (medians over --repeats), cached/cold, and whether the CSVs are byte-identical.
+Process start (python + torch import, ~1-3 s here) is inside every figure: the cached run cannot go
+below it, so the ratio only means something on workloads that take longer than that.
+
+Run:  .venv/bin/python benchmarks/cache_rerun.py [--workloads mlp:5000,logreg:50000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from selfcheck_scaling import make_workload  # noqa: E402
+
+INFL = [sys.executable, "-c", "from influence_cli.cli import main; main()"]
+
+
+def timed(args: list[str]) -> tuple[float, dict]:
+    start = time.perf_counter()
+    done = subprocess.run([*INFL, *args, "--json"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"infl {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+    return elapsed, json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="mlp:5000,logreg:50000")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"{'workload':<14}{'cold s':>9}{'cached s':>10}{'nocache s':>11}{'cached/cold':>13}  identical  phases (cached)")
+    for item in args.workloads.split(","):
+        model, n = item.split(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            config = str(make_workload(folder, int(n), model))
+            cold, cached, nocache, same = [], [], [], True
+            for r in range(args.repeats):
+                out = folder / f"out{r}"
+                t_cold, _ = timed(["selfcheck", "-c", config, "-o", str(out)])
+                first = (out / "selfcheck.csv").read_bytes()
+                t_cached, summary = timed(["selfcheck", "-c", config, "-o", str(out)])
+                same &= (out / "selfcheck.csv").read_bytes() == first
+                same &= summary["cache"]["fit_reused"] and summary["cache"]["shards_reused"] == summary["cache"]["shards"]
+                t_none, _ = timed(["selfcheck", "-c", config, "-o", str(folder / "plain"), "--no-cache"])
+                same &= (folder / "plain" / "selfcheck.csv").read_bytes() == first
+                cold.append(t_cold)
+                cached.append(t_cached)
+                nocache.append(t_none)
+                shutil.rmtree(out)
+            c, w, p = statistics.median(cold), statistics.median(cached), statistics.median(nocache)
+            phases = {k: round(v, 2) for k, v in summary["phases_seconds"].items() if v >= 0.01}
+            print(f"{item:<14}{c:>9.2f}{w:>10.2f}{p:>11.2f}{w / c:>13.3f}  {str(same):<9}  {phases}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""A content-keyed cache on disk: fitted curvature and finished shards of per-row results.
+
+An entry's name carries the sha256 of everything its value depends on (checkpoint bytes, dataset
+fingerprints, the settings that change the numbers, package and torch versions), so a changed
+input simply misses and nothing is ever invalidated by hand. Layout under `cache.dir`:
+`<kind>-<key>.pt` for one value, `<kind>-<key>/<part>.pt` for the shards of one sharded pass.
+
+Each file is `INFLCACHE1 <sha256 of the payload>\n` followed by a `torch.save` payload, written
+to a temp file, fsync'd and renamed into place: a killed run leaves whole entries only, and an
+entry whose checksum does not match (truncated, edited, a bad disk) is deleted and recomputed,
+never trusted. Payloads load with `weights_only=True`, so an entry cannot run code.
+
+The cache is an optimisation and never a reason to fail a run: a folder that cannot be written
+turns it off with a warning. After each run the least recently used entries go when the folder
+is over `cache.max_gb`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .report import FILE_MODE
+
+MAGIC = b"INFLCACHE1 "
+HEADER = len(MAGIC) + 64 + 1  # magic, sha256 hex, newline
+FORMAT = 1  # bump when an entry's layout or meaning changes
+STALE_TEMP_SECONDS = 3600
+
+
+def content_key(parts: Mapping[str, Any]) -> str:
+    """sha256 of a JSON-able mapping (key order does not matter), 24 hex digits."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class CacheStats:
+    hits: list[str] = field(default_factory=list)
+    writes: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Cache:
+    """Entries under `root` (None: a cache that stores nothing and finds nothing)."""
+
+    def __init__(self, root: Path | None, max_bytes: int | None = None) -> None:
+        self.root, self.max_bytes = root, max_bytes
+        self.stats = CacheStats()
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        """The stored value, or None when absent or corrupt (a corrupt file is removed)."""
+        if self.root is None:
+            return None
+        path = self.root / f"{name}.pt"
+        try:
+            with open(path, "rb") as f:
+                head, payload = f.read(HEADER), f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._off(f"cannot read {path} ({e.strerror})")
+            return None
+        value = _decode(head, payload)
+        if value is None:
+            self.stats.corrupt.append(name)
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            os.utime(path)  # least recently used goes first when pruning
+        except OSError:
+            pass
+        self.stats.hits.append(name)
+        return value
+
+    def put(self, name: str, value: Mapping[str, Any]) -> None:
+        """Store `value` (tensors, numbers, strings, lists and dicts of them) atomically."""
+        if self.root is None:
+            return
+        buffer = io.BytesIO()
+        torch.save(dict(value), buffer)
+        payload = buffer.getbuffer()  # no copy: the Hessian factor of a big model is gigabytes
+        path = self.root / f"{name}.pt"
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            self._off(f"cannot write {path} ({e.strerror})")
+            return
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        self.stats.writes.append(name)
+
+    def cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """(value, reused): the stored value, or compute() stored now."""
+        value = self.get(name)
+        if value is not None:
+            return value, True
+        value = compute()
+        self.put(name, value)
+        return value, False
+
+    def prune(self) -> list[str]:
+        """Drop stale temp files, then least recently used entries until under max_bytes. Returns
+        the names removed."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        removed, entries, now = [], [], time.time()
+        for item in self.root.iterdir():
+            try:
+                if item.name.endswith(".tmp"):
+                    if now - item.stat().st_mtime > STALE_TEMP_SECONDS:
+                        item.unlink(missing_ok=True)
+                    continue
+                files = list(_files(item))
+                size = sum(f.stat().st_size for f in files)
+                used = max((f.stat().st_mtime for f in files), default=item.stat().st_mtime)
+                entries.append((used, size, item))
+            except OSError:
+                continue
+        total = sum(size for _, size, _ in entries)
+        for _, size, item in sorted(entries, key=lambda e: e[0]):
+            if self.max_bytes is None or total <= self.max_bytes:
+                break
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+            total -= size
+            removed.append(item.name.removesuffix(".pt"))
+        return removed
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stats
+        return {"dir": str(self.root) if self.root else None, "enabled": self.enabled, "entries_reused": len(s.hits),
+                "entries_stored": len(s.writes), "corrupt_recomputed": list(s.corrupt)}
+
+    def _off(self, why: str) -> None:
+        self.stats.warnings.append(f"cache: {why}; running without the cache (set cache.dir to a writable folder)")
+        self.root = None
+
+
+def _decode(head: bytes, payload: bytes) -> dict[str, Any] | None:
+    if len(head) != HEADER or not head.startswith(MAGIC) or not head.endswith(b"\n"):
+        return None
+    if hashlib.sha256(payload).hexdigest().encode() != head[len(MAGIC):-1]:
+        return None
+    try:
+        value = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable payload is a miss
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _files(item: Path) -> Iterator[Path]:
+    if item.is_dir():
+        yield from (f for f in item.rglob("*") if f.is_file())
+    else:
+        yield item

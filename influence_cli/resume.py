@@ -1,0 +1,108 @@
+"""How a command's work is keyed, cached and resumed (the storage itself is cache.py).
+
+Keys: `base_key` holds what every cached value depends on (checkpoint sha256, training data
+fingerprint, model and objective settings, dtype, device type, seed, batch size, versions);
+`solver_key` adds the solver's settings. Values computed from them:
+- the fitted solver (`fit_solver`): Hessian factor, eigenbasis, EK-FAC factors, LiSSA's scale;
+- shards (`shards`): per-row results of a streamed pass over rows [k R, (k+1) R), R a multiple of
+  the batch size, so a shard sees exactly the batches an uninterrupted run sees there. A shard is
+  committed when it finishes; a rerun skips finished shards without reading their rows, and
+  computes the missing ones the same way, so its CSVs are byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .cache import FORMAT, Cache, content_key
+from .config import Config
+from .objective import Problem
+from .solvers import Solver
+from .solvers.base import Progress, Stateful
+
+
+def open_cache(cfg: Config) -> Cache:
+    """The configured cache; a stand-in that stores nothing when off or when no folder is set
+    (the CLI sets cache.dir to <report folder>/.infl-cache unless the config names one)."""
+    if not cfg.cache.enabled or cfg.cache.dir is None:
+        return Cache(None)
+    return Cache(Path(cfg.cache.dir), int(cfg.cache.max_gb * 2**30))
+
+
+def base_key(cfg: Config, problem: Problem, checkpoint_sha256: str | None, train_fingerprint: str) -> dict[str, Any]:
+    from . import report  # versions
+
+    return {
+        "format": FORMAT, "versions": {k: v for k, v in report.environment().items() if k in ("infl", "torch")},
+        "checkpoint": checkpoint_sha256, "train": train_fingerprint,
+        "arch": cfg.model.arch, "arch_source": _source_digest(cfg.model.arch), "kwargs": cfg.model.kwargs,
+        "task": cfg.task, "weight_decay": cfg.weight_decay, "dtype": cfg.dtype, "device": problem.device.type,
+        "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "params": [[name, list(shape)] for name, shape in zip(problem.params.names, problem.params.shapes, strict=True)],
+    }
+
+
+def solver_key(base: dict[str, Any], cfg: Config, solver_name: str) -> dict[str, Any]:
+    settings = asdict(cfg.solver)
+    settings["name"] = solver_name  # `auto` resolved
+    settings.pop("memory_limit_gb", None)  # changes how, not what
+    return {**base, "solver": settings}
+
+
+def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, Any],
+               progress: Progress | None = None) -> tuple[Solver, bool]:
+    """(fitted solver, reused): its stored curvature when the cache has it, else fit and store."""
+    if not isinstance(solver, Stateful) or not cache.enabled:
+        return solver.fit(problem, progress), False
+    name = f"fit-{solver.name}-{content_key(key)}"
+    stored = cache.get(name)
+    if stored is not None:
+        if progress is not None:
+            progress(1, 1)
+        return solver.load_state(stored, problem), True
+    solver.fit(problem, progress)
+    cache.put(name, solver.state())
+    return solver, False
+
+
+def shard_ranges(n: int, shard_rows: int, batch_size: int) -> list[range]:
+    size = -(-max(shard_rows, 1) // batch_size) * batch_size
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def shards(cache: Cache, name: str, ranges: list[range], compute: Callable[[range, int], dict[str, Any]],
+           progress: Progress | None = None) -> Iterator[tuple[range, dict[str, Any], bool]]:
+    """(rows, value, reused) per shard, in order. compute(rows, done_before) runs only for shards the
+    cache lacks; each is committed as soon as it finishes (what survives a kill)."""
+    total = ranges[-1].stop if ranges else 0
+    for k, rows in enumerate(ranges):
+        part = f"{name}/shard-{k:05d}-of-{len(ranges):05d}"
+        value = cache.get(part)
+        reused = value is not None
+        if value is None:
+            value = compute(rows, rows.start)
+            cache.put(part, value)
+        if progress is not None:
+            progress(rows.stop, total)
+        yield rows, value, reused
+
+
+def _source_digest(arch: str) -> str | None:
+    """sha256 of a `package.module:factory` model's source file (editing it changes the key)."""
+    if ":" not in arch:
+        return None
+    try:
+        spec = importlib.util.find_spec(arch.partition(":")[0])
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    if not origin or not Path(origin).is_file():
+        return None
+    return hashlib.sha256(Path(origin).read_bytes()).hexdigest()
+
+
