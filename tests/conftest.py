@@ -88,3 +88,22 @@ def solver_config(**kw) -> SolverConfig:
 @pytest.fixture(params=["ridge", "logreg", "binary", "mlp"])
 def case(request) -> Case:
     return make_case(request.param)
+
+
+def trained_case(kind: str, n: int = 40, **kw) -> Case:
+    """make_case (weight decay 1e-2, damping 0 unless given) trained to its optimum with float64
+    L-BFGS, so influence's first-order conditions hold (gradient norm < 1e-7)."""
+    from influence_cli.config import TrainConfig
+    from influence_cli.train import minimize
+
+    kw = {"weight_decay": 1e-2, "damping": 0.0, **kw}
+    case = make_case(kind, n=n, **kw)
+    params = list(case.problem.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    result = minimize(case.problem.model, params, case.problem.objective, case.problem.train_loader, n,
+                      TrainConfig(optimizer="lbfgs", epochs=2000, tol=1e-11))
+    for p in params:
+        p.requires_grad_(False)
+    assert result.grad_norm < 1e-7, result.grad_norm
+    return case

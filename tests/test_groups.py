@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ListLoader, make_case
+from conftest import ListLoader, trained_case
 
 from influence_cli.config import SolverConfig, TrainConfig
 from influence_cli.errors import ConfigError
@@ -21,15 +21,7 @@ EXACT = TrainConfig(optimizer="lbfgs", epochs=2000, tol=1e-11)
 def trained(kind: str, n: int = 60, hessian: str = "exact", seed: int = 0):
     """A case trained to its optimum (damping 0, so H is the exact Hessian of the objective), with
     30 test rows and the fitted direct solver."""
-    case = make_case(kind, n=n, weight_decay=1e-2, damping=0.0, hessian=hessian, seed=seed)
-    model = case.problem.model
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    result = minimize(model, params, case.problem.objective, case.problem.train_loader, n, EXACT)
-    for p in params:
-        p.requires_grad_(False)
-    assert result.grad_norm < 1e-7
+    case = trained_case(kind, n=n, hessian=hessian, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
     xt = torch.randn(30, case.x.shape[1], generator=g, dtype=torch.float64)
     yt = (xt[:, 0] > 0).double() if kind == "binary" else torch.randint(0, 3, (30,), generator=g)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ListLoader, make_case
+from conftest import ListLoader, trained_case
 
 from influence_cli.config import SolverConfig, TrainConfig
 from influence_cli.gradients import GradientSource
@@ -18,14 +18,7 @@ EXACT = TrainConfig(optimizer="lbfgs", epochs=2000, tol=1e-11)
 
 
 def trained(kind: str, n: int = 40, **kw):
-    case = make_case(kind, n=n, weight_decay=1e-2, damping=0.0, **kw)
-    params = list(case.problem.model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    result = minimize(case.problem.model, params, case.problem.objective, case.problem.train_loader, n, EXACT)
-    for p in params:
-        p.requires_grad_(False)
-    assert result.grad_norm < 1e-7
+    case = trained_case(kind, n=n, **kw)
     return case, make_solver(SolverConfig(name="direct", damping=0.0)).fit(case.problem)
 
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ListLoader, make_case
+from conftest import ListLoader, trained_case
 
 from influence_cli.config import SolverConfig, TrainConfig
 from influence_cli.errors import ConfigError
@@ -30,13 +30,8 @@ EXACT = TrainConfig(optimizer="lbfgs", epochs=2000, tol=1e-11)
 
 
 def trained(kind="logreg", n=40, params="all"):
-    case = make_case(kind, n=n, weight_decay=1e-2, damping=0.0)
+    case = trained_case(kind, n=n)
     model = case.problem.model
-    for p in model.parameters():
-        p.requires_grad_(True)
-    minimize(model, list(model.parameters()), case.problem.objective, case.problem.train_loader, n, EXACT)
-    for p in model.parameters():
-        p.requires_grad_(False)
     if params != "all":
         case.problem.params = ParamSpace.select(model, params)
     g = torch.Generator().manual_seed(7)
