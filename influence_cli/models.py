@@ -24,8 +24,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .data import import_object
-from .report import FILE_MODE
 from .errors import ConfigError, DataError
+from .report import FILE_MODE
 
 _KEYS_SHOWN = 5
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_case
 
 from influence_cli.cache import Cache, content_key
 from influence_cli.config import SolverConfig
 from influence_cli.resume import shard_ranges
 from influence_cli.solvers import SOLVERS
 from influence_cli.solvers.base import Stateful
-
-from conftest import make_case
 
 
 def test_round_trip_and_key_ignores_order(tmp_path: Path) -> None:
