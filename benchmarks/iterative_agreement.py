@@ -4,10 +4,13 @@ For each solver, runs `ranking.rank` (train -> test influence: `loss_change_if_r
 training row on the mean test loss, the `overall.csv` column) and optionally `pipeline.selfcheck`,
 and compares the scores with the direct solver's: Spearman and Pearson correlation, and the overlap
 of the 10 most helpful / harmful rows. Prints one line per solver and the solver's own diagnostics.
+A solver may carry one setting of its own block as NAME:key=value (ekfac:refine=0 is --set solver.ekfac.refine=0).
 
     .venv/bin/python benchmarks/iterative_agreement.py -c configs/digits.yaml
     .venv/bin/python benchmarks/iterative_agreement.py -c configs/digits.yaml --solvers lissa \
         --set solver.lissa.depth=3000 --selfcheck
+    .venv/bin/python benchmarks/iterative_agreement.py -c configs/digits.yaml \
+        --solvers ekfac:refine=0 ekfac:refine=1 ekfac:refine=2
 """
 
 from __future__ import annotations
@@ -54,14 +57,16 @@ def main() -> None:
         ref = run(load_config(args.config, ["solver.name=direct"]))
         print(f"{command} direct: {time.perf_counter() - start:.1f}s  phases {ref.manifest['phases_seconds']}")
         expected = _scores(ref, table, column)
-        for name in args.solvers:
-            cfg = load_config(args.config, [f"solver.name={name}", *args.overrides])
+        for spec in args.solvers:
+            name, _, setting = spec.partition(":")
+            own = [f"solver.{name}.{setting}"] if setting else []
+            cfg = load_config(args.config, [f"solver.name={name}", *own, *args.overrides])
             start = time.perf_counter()
             got = run(cfg)
             wall = time.perf_counter() - start
             scores = _scores(got, table, column)
             helpful, harmful = _overlap(scores, expected)
-            print(f"{command} {name}: {wall:.1f}s  spearman {spearmanr(scores, expected).statistic:.5f}"
+            print(f"{command} {spec}: {wall:.1f}s  spearman {spearmanr(scores, expected).statistic:.5f}"
                   f"  pearson {pearsonr(scores, expected).statistic:.5f}  top-10 overlap {helpful:.1f}/{harmful:.1f}"
                   f"  phases {got.manifest['phases_seconds']}")
             print("   ", json.dumps(got.manifest["solver"]))

@@ -7,7 +7,8 @@ share of flipped labels in the top 10% (digits answer key), and fit/score times.
 
 Run:  .venv/bin/python benchmarks/solver_agreement.py [CONFIG] [--solvers cg,lissa,arnoldi,ekfac]
           [--set key=value ...]        (overrides applied to every solver, direct included)
-Defaults: configs/digits.yaml (650-parameter logistic regression).
+Defaults: configs/digits.yaml (650-parameter logistic regression). A solver may carry one setting of its own
+block as NAME:key=value, e.g. --solvers ekfac:refine=0,ekfac:refine=2 (solver.ekfac.refine).
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ def main() -> None:
           "flips in top 10% | fit s | rank s |")
     print("|---|---|---|---|---|---|---|")
     for name in [s for s in args.solvers.split(",") if s]:
+        solver, _, setting = name.partition(":")
+        own = [f"solver.{solver}.{setting}"] if setting else []
         try:
-            ranked, selfc, seconds = run(args.config, [*args.overrides, f"solver.name={name}"])
+            ranked, selfc, seconds = run(args.config, [*args.overrides, f"solver.name={solver}", *own])
         except Exception as e:  # noqa: BLE001 - report and go on with the next solver
             print(f"| {name} | failed: {type(e).__name__}: {e} | | | | | |")
             continue

@@ -122,9 +122,12 @@ class EkfacConfig:
     correct_eigenvalues: bool = True  # re-estimate the diagonal in the Kronecker eigenbasis (EK-FAC, not K-FAC)
     output_factor: Literal["auto", "exact", "sample"] = "auto"  # auto: exact when the model has <= 64 outputs
     samples: int = 1  # output_factor sample: Monte-Carlo pseudo-gradients per row
+    refine: int = 2  # ihvp: EK-FAC-preconditioned CG steps on exact HVPs (refine + 1 data passes); 0 = plain EK-FAC
 
     def __post_init__(self) -> None:
         _positive(self, "samples")
+        if self.refine < 0:
+            raise ConfigError(f"refine: must be >= 0, got {self.refine}", hint="0 gives the plain EK-FAC approximation")
 
 
 @dataclass(frozen=True)
