@@ -1,9 +1,8 @@
 """Load a train or test split from any configured `format` into one `Split`; label checks; fast loaders.
 
 Formats: csv and parquet (pandas; features in one float32 tensor), tensors (.pt loaded with
-`weights_only=True`, or .npz without pickle), imagefolder and torchvision (images decoded lazily,
-with transforms from the config), python ("package.module:function" returning a Dataset; runs
-user code on purpose). Every error names the dotted key (`data.train.label`), the file, and up to
+`weights_only=True`, or .npz without pickle) here; imagefolder, torchvision and python in
+sources.py. Every error names the dotted key (`data.train.label`), the file, and up to
 5 row ids. Inputs not held in memory (imagefolder, torchvision, python) are checked for NaN later,
 in the gradient pass.
 """
@@ -13,27 +12,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import importlib
-import inspect
 import json
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 
+from . import sources
 from .config import SplitConfig
 from .errors import ConfigError, DataError
+from .sources import Raw, existing, to_numpy
 
 TASKS = ("classification", "binary", "regression")
 _SHOWN = 5  # row ids named in a message
-_EDGE = 64 * 1024  # bytes hashed from each end of an image file
 
 
 @dataclass(frozen=True)
@@ -107,17 +104,6 @@ class LabeledDataset(Dataset):
         return torch.as_tensor(x, dtype=torch.float32), self.labels[i]
 
 
-class _Raw(NamedTuple):
-    """What a format reader finds, before labels are mapped and checked."""
-
-    ids: list[str]
-    targets: Any  # label values as stored: numbers, strings, or integer indices into `names`
-    names: list[str] | None  # names[j] names integer target j (class folders, a dataset's .classes)
-    base: Any  # x (n, ...) float32 in memory, or a lazy dataset whose items are (x, _)
-    content: bytes  # digest of the data files; labels and settings are hashed by load_split
-    extra: pd.DataFrame | None = None
-
-
 def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None = None) -> Split:
     """Load `data.<role>`. For the test split pass the train split's `classes`, so string labels
     and class folders map to the same integers; a test label train never saw is a DataError.
@@ -132,8 +118,8 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
         raise ConfigError(f"{key}.group/carry: only csv, parquet and tensors data have extra columns")
     if cfg.format not in ("csv", "parquet") and cfg.features is not None:
         raise ConfigError(f"{key}.features: only csv and parquet data have feature columns")
-    reader = {"csv": _tabular, "parquet": _tabular, "tensors": _tensors, "imagefolder": _imagefolder,
-              "torchvision": _torchvision, "python": _python}[cfg.format]
+    reader = {"csv": _tabular, "parquet": _tabular, "tensors": _tensors, "imagefolder": sources.imagefolder,
+              "torchvision": sources.torchvision, "python": sources.python}[cfg.format]
     raw = reader(cfg, key)
     if not raw.ids:
         raise DataError(f"{key}: the dataset at {cfg.path or cfg.function} has no rows", hint="check the file")
@@ -241,11 +227,11 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-# ---- formats: each reads `data.<role>` into a _Raw
+# ---- formats: each reads `data.<role>` into a Raw
 
 
-def _tabular(cfg: SplitConfig, key: str) -> _Raw:
-    path = _existing(cfg.path, f"{key}.path", file=True)
+def _tabular(cfg: SplitConfig, key: str) -> Raw:
+    path = existing(cfg.path, f"{key}.path", file=True)
     try:
         ids_as_text = {cfg.id: str} if cfg.id else None
         df = pd.read_csv(path, dtype=ids_as_text) if cfg.format == "csv" else pd.read_parquet(path)
@@ -264,13 +250,13 @@ def _tabular(cfg: SplitConfig, key: str) -> _Raw:
         raise ConfigError(f"{key}.features: no feature columns left in {path.name}", hint="list them in features")
     x = _numeric_features(df[features], ids, key)
     extra = df[_extra_names(cfg)].reset_index(drop=True)
-    return _Raw(ids, df[cfg.label].to_numpy(), None, x, _hash_file(path), extra)
+    return Raw(ids, df[cfg.label].to_numpy(), None, x, _hash_file(path), extra)
 
 
-def _tensors(cfg: SplitConfig, key: str) -> _Raw:
+def _tensors(cfg: SplitConfig, key: str) -> Raw:
     """A dict saved by torch.save (.pt/.pth) or numpy.savez (.npz). The labels are under
     `data.<role>.label`; when that is the default "label" and the file has no such key, under "y"."""
-    path = _existing(cfg.path, f"{key}.path", file=True)
+    path = existing(cfg.path, f"{key}.path", file=True)
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
@@ -293,7 +279,7 @@ def _tensors(cfg: SplitConfig, key: str) -> _Raw:
     if x.ndim == 0:
         raise DataError(f"{key}.x_key: {cfg.x_key!r} in {path.name} is a scalar, not an array (n, ...)")
     n = len(x)
-    columns = {name: _to_numpy(data[name]) for name in (cfg.label, cfg.id, cfg.group, *cfg.carry) if name}
+    columns = {name: to_numpy(data[name]) for name in (cfg.label, cfg.id, cfg.group, *cfg.carry) if name}
     for name, col in columns.items():
         if len(col) != n:
             raise DataError(f"{key}: {name!r} in {path.name} has {len(col)} rows but {cfg.x_key!r} has {n}")
@@ -302,103 +288,10 @@ def _tensors(cfg: SplitConfig, key: str) -> _Raw:
     if bad:
         raise DataError(f"{key}: NaN or inf in {cfg.x_key!r} at row ids {_name_rows(ids, bad)}", hint="fix the data")
     extra = pd.DataFrame({c: columns[c] for c in _extra_names(cfg)}, index=pd.RangeIndex(n))
-    return _Raw(ids, columns[cfg.label], None, x, _hash_file(path), extra)
-
-
-def _imagefolder(cfg: SplitConfig, key: str) -> _Raw:
-    """Fingerprint: per image its relative path, size and first and last 64 KiB, not every byte,
-    so a large folder hashes in seconds; an edit that keeps size and both ends is not seen."""
-    from torchvision.datasets import ImageFolder
-
-    root = _existing(cfg.path, f"{key}.path", file=False)
-    try:
-        ds = ImageFolder(str(root), transform=_transform(cfg))
-    except FileNotFoundError as e:
-        raise DataError(f"{key}: no images in {root} ({e})", hint="put images in one sub-folder per class") from e
-    files = [Path(p) for p, _ in ds.samples]
-    return _Raw([p.relative_to(root).as_posix() for p in files], ds.targets, list(ds.classes), ds,
-                _hash_tree(root, files))
-
-
-def _torchvision(cfg: SplitConfig, key: str) -> _Raw:
-    """Built from local files, never downloaded; `data.<role>.kwargs` go to the class too. Ids are
-    row indices. Fingerprint: the dataset's own folder (raw_folder, base_folder or root/<name>) as
-    for imagefolder, and the labels."""
-    import torchvision.datasets as tvd
-
-    if cfg.name not in tvd.__all__ or not inspect.isclass(getattr(tvd, cfg.name, None)):
-        close = difflib.get_close_matches(str(cfg.name), tvd.__all__, n=3)
-        raise ConfigError(f"{key}.name: {cfg.name!r} is not a torchvision dataset",
-                          hint=f"did you mean {', '.join(close)}?" if close else "for example MNIST or CIFAR10")
-    cls, split, root = getattr(tvd, cfg.name), cfg.split or key.split(".")[-1], Path(str(cfg.path))
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {**cfg.kwargs, "root": str(root), "transform": _transform(cfg)}
-    if "download" in params:
-        kwargs["download"] = False
-    if "train" in params:
-        if split not in ("train", "test"):
-            raise ConfigError(f"{key}.split: {cfg.name} has only train and test splits, got {split!r}")
-        kwargs["train"] = split == "train"
-    elif "split" in params:
-        kwargs["split"] = split
-    try:
-        ds = cls(**kwargs)
-    except (RuntimeError, OSError) as e:
-        reason = str(e).split(". ")[0]
-        raise ConfigError(f"{key}.path: torchvision dataset {cfg.name} ({split}) not found under {root} ({reason})",
-                          hint="infl never downloads: put the dataset's files there (for example with "
-                               f"torchvision.datasets.{cfg.name}(root, download=True) once)") from e
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot build torchvision.datasets.{cfg.name} ({e})",
-                          hint=f"check {key}.split and {key}.kwargs") from e
-    targets = _targets(ds)
-    names = [str(c) for c in ds.classes] if getattr(ds, "classes", None) is not None else None
-    folders = [getattr(ds, "raw_folder", None), root / str(getattr(ds, "base_folder", "")), root / cfg.name]
-    folder = next((Path(f) for f in folders if f and Path(f) != root and Path(f).is_dir()), None)
-    content = _hash_tree(folder, sorted(p for p in folder.rglob("*") if p.is_file())) if folder else b""
-    return _Raw([str(i) for i in range(len(targets))], targets, names, ds, content)
-
-
-def _python(cfg: SplitConfig, key: str) -> _Raw:
-    """Runs user code on purpose. Optional dataset attributes: `ids`, `classes`, `targets`.
-    Fingerprint: the function's source file, ids and labels (the inputs are not hashed)."""
-    fn = import_object(str(cfg.function), f"{key}.function")
-    try:
-        ds = fn(**cfg.kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{key}.kwargs: {cfg.function} does not accept them ({e})") from e
-    except Exception as e:
-        raise DataError(f"{key}.function: {cfg.function} raised {type(e).__name__}: {e}") from e
-    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
-        raise ConfigError(f"{key}.function: {cfg.function} returned a {type(ds).__name__}, not a Dataset",
-                          hint="return a map-style torch Dataset whose items are (x, y)")
-    targets = _targets(ds)
-    given = getattr(ds, "ids", None)
-    ids = [str(i) for i in (given if given is not None else range(len(targets)))]
-    if len(ids) != len(targets):
-        raise DataError(f"{key}.function: the dataset's ids has {len(ids)} entries for {len(targets)} rows")
-    names = [str(c) for c in ds.classes] if getattr(ds, "classes", None) is not None else None
-    source = inspect.getsourcefile(fn) if inspect.isfunction(fn) else None
-    content = Path(source).read_bytes() if source and Path(source).is_file() else b""
-    return _Raw(ids, targets, names, ds, hashlib.sha256(content + json.dumps(ids).encode()).digest())
+    return Raw(ids, columns[cfg.label], None, x, _hash_file(path), extra)
 
 
 # ---- helpers
-
-
-def import_object(spec: str, key: str) -> Callable[..., Any]:
-    """Import "package.module:attribute" (also used for model factories); ConfigError naming `key`."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except ImportError as e:
-        raise ConfigError(f"{key}: cannot import {module_name!r} ({e})",
-                          hint="install the package or run infl from the folder that holds it") from e
-    except AttributeError as e:
-        raise ConfigError(f"{key}: module {module_name!r} has no {attr!r}") from e
-    if not callable(obj):
-        raise ConfigError(f"{key}: {spec} is a {type(obj).__name__}, not a function")
-    return obj
 
 
 def _labels(values: Any, ids: list[str], key: str, task: str, classes: list[str] | None,
@@ -406,7 +299,7 @@ def _labels(values: Any, ids: list[str], key: str, task: str, classes: list[str]
     """Stored label values -> (labels, class names). Integer targets stay as they are unless
     `names` names them (class folders) or `classes` (the train split's) is given; then, like
     strings, they map to their index in `classes`, or else in `names` or the sorted strings."""
-    arr = _to_numpy(values)
+    arr = to_numpy(values)
     if task == "regression" and arr.dtype.kind not in "biuf":
         try:
             arr = arr.astype(np.float64)
@@ -498,24 +391,6 @@ def _extra_names(cfg: SplitConfig) -> list[str]:
     return list(dict.fromkeys(([cfg.group] if cfg.group else []) + list(cfg.carry)))
 
 
-def _targets(ds: Any) -> np.ndarray:
-    """Labels from `.targets` or `.labels` when present, else one pass over the dataset."""
-    for attr in ("targets", "labels"):
-        value = getattr(ds, attr, None)
-        if value is not None and not callable(value) and len(value) == len(ds):
-            return _to_numpy(value)
-    return _to_numpy([ds[i][1] for i in range(len(ds))])
-
-
-def _to_numpy(values: Any) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
-    if isinstance(values, (list, tuple)) and values and isinstance(values[0], torch.Tensor):
-        return torch.stack([torch.as_tensor(v) for v in values]).numpy()
-    arr = np.asarray(values)
-    return arr.astype(object) if arr.dtype.kind in "USO" else arr
-
-
 def _flat(a: Any) -> Any:
     """(n, ...) -> (n, m) for numpy arrays and tensors, also when n is 0."""
     return a.reshape(len(a), -1) if len(a) else a.reshape(0, 0)
@@ -535,38 +410,8 @@ def _name_rows(ids: Sequence[str], rows: Any, limit: int = _SHOWN) -> str:
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
-def _existing(path: Path | None, key: str, *, file: bool) -> Path:
-    if path is None or not (path.is_file() if file else path.is_dir()):
-        what = "file" if file else "folder"
-        raise ConfigError(f"{key}: {what} not found: {path}", hint=f"set {key} to an existing {what}")
-    return path
-
-
 def _hash_file(path: Path) -> bytes:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").digest()
 
 
-def _hash_tree(root: Path, files: list[Path]) -> bytes:
-    """Per file: path relative to `root`, size, and the first and last 64 KiB."""
-    h = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            head = f.read(_EDGE)
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(size - _EDGE, len(head)))
-            h.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode() + head + f.read())
-    return h.digest()
-
-
-def _transform(cfg: SplitConfig) -> Callable[[Any], torch.Tensor]:
-    """Grayscale(1), Resize (one size means a square, so every image batches), ToTensor, Normalize."""
-    from torchvision import transforms as T
-
-    steps: list[Any] = [T.Grayscale(1)] if cfg.grayscale else []
-    if cfg.resize:
-        steps.append(T.Resize((cfg.resize[0], cfg.resize[-1])))
-    steps.append(T.ToTensor())
-    if cfg.mean is not None and cfg.std is not None:
-        steps.append(T.Normalize(cfg.mean, cfg.std))
-    return T.Compose(steps)

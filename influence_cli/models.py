@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .data import import_object
 from .errors import ConfigError, DataError
 from .report import FILE_MODE
+from .sources import import_object
 
 _KEYS_SHOWN = 5
 
