@@ -200,7 +200,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
              help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False,
          knn: Annotated[int | None, typer.Option(
              help="FastIF: score only each test row's K nearest training rows (penultimate features).")] = None,
-         knn_metric: Annotated[str, typer.Option(help="cosine or l2, for --knn.")] = "cosine",
+         knn_metric: Annotated[str, typer.Option(help="cosine, l2, grad or kfac, for --knn (README).")] = "cosine",
          no_cache: NoCacheOpt = False) -> None:
     """Influence of every training example on test examples (helpful/harmful/overall.csv)."""
     ui = _UI(quiet, as_json)
@@ -309,10 +309,10 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
 def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
           as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Validate the config, load data and model, estimate time and memory; computes nothing heavy
-    and writes nothing (--out is accepted as on every command)."""
+    and writes nothing (--out is accepted as on every command, and locates the cache)."""
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = load_config(config, set_ or [])
+        cfg = _with_cache(load_config(config, set_ or []), out, False)
         result = pipeline.check(cfg)
         ui.finish(result, [])
         if ui.show:
@@ -322,6 +322,9 @@ def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
             ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
             ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
                          f" ~{s['gradient_seconds']} s")
+            if s["cache"]["dir"]:
+                state = "cached: a rerun skips the fit" if s["cache"]["fit_cached"] else "not cached yet"
+                ui.out.print(f"fitted curvature for these inputs: {state} ({s['cache']['dir']})")
             table = Table(title="solver estimates", title_justify="left")
             for c in ("solver", "memory", "fit time", "note"):
                 table.add_column(c)
