@@ -6,7 +6,9 @@ in fresh processes:
   cold     a fresh cache folder (fit + every shard computed and stored)
   cached   the same command again (everything read back from the cache)
   nocache  --no-cache (what the run costs without the cache: the write overhead is cold - nocache)
-and prints wall times (medians over --repeats), cached/cold, and whether the CSVs are byte-identical.
+  resumed  a run SIGKILLed once half of its shards were committed, then rerun: the rerun's time
+and prints wall times (medians over --repeats), cached/cold, resumed/cold, and whether every CSV is
+byte-identical to the cold run's.
 Process start (python + torch import, ~1-3 s here) is inside every figure: the cached run cannot go
 below it, so the ratio only means something on workloads that take longer than that.
 
@@ -40,18 +42,32 @@ def timed(args: list[str]) -> tuple[float, dict]:
     return elapsed, json.loads(done.stdout)
 
 
+def killed_then_resumed(config: str, out: Path, shards: int) -> tuple[float, dict]:
+    """SIGKILL a run once half of its `shards` are committed; return the rerun's time and summary."""
+    proc = subprocess.Popen([*INFL, "selfcheck", "-c", config, "-o", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while len(list((out / ".infl-cache").glob("selfcheck-*/shard-*.pt"))) < max(1, shards // 2):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    return timed(["selfcheck", "-c", config, "-o", str(out)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="mlp:5000,logreg:50000")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'workload':<14}{'cold s':>9}{'cached s':>10}{'nocache s':>11}{'cached/cold':>13}  identical  phases (cached)")
+    print(f"{'workload':<14}{'cold s':>9}{'cached s':>10}{'nocache s':>11}{'resumed s':>11}{'cached/cold':>13}"
+          f"{'resumed/cold':>14}  identical  phases (cached)")
     for item in args.workloads.split(","):
         model, n = item.split(":")
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             config = str(make_workload(folder, int(n), model))
-            cold, cached, nocache, same = [], [], [], True
+            cold, cached, nocache, resumed, same = [], [], [], [], True
             for r in range(args.repeats):
                 out = folder / f"out{r}"
                 t_cold, _ = timed(["selfcheck", "-c", config, "-o", str(out)])
@@ -61,13 +77,19 @@ def main() -> None:
                 same &= summary["cache"]["fit_reused"] and summary["cache"]["shards_reused"] == summary["cache"]["shards"]
                 t_none, _ = timed(["selfcheck", "-c", config, "-o", str(folder / "plain"), "--no-cache"])
                 same &= (folder / "plain" / "selfcheck.csv").read_bytes() == first
+                t_resumed, after = killed_then_resumed(config, folder / f"killed{r}", summary["cache"]["shards"])
+                same &= (folder / f"killed{r}" / "selfcheck.csv").read_bytes() == first
+                resumed.append(t_resumed)
                 cold.append(t_cold)
                 cached.append(t_cached)
                 nocache.append(t_none)
                 shutil.rmtree(out)
             c, w, p = statistics.median(cold), statistics.median(cached), statistics.median(nocache)
+            k = statistics.median(resumed)
             phases = {k: round(v, 2) for k, v in summary["phases_seconds"].items() if v >= 0.01}
-            print(f"{item:<14}{c:>9.2f}{w:>10.2f}{p:>11.2f}{w / c:>13.3f}  {str(same):<9}  {phases}", flush=True)
+            print(f"{item:<14}{c:>9.2f}{w:>10.2f}{p:>11.2f}{k:>11.2f}{w / c:>13.3f}{k / c:>14.3f}  {str(same):<9}  "
+                  f"{phases}  (resumed run reused {after['cache']['shards_reused']}/{after['cache']['shards']} shards)",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ class Cache:
         self.stats.hits.append(name)
         return value
 
+    def has(self, name: str) -> bool:
+        """Whether an entry (or shard folder) of that name exists; its checksum is checked on `get`."""
+        return self.root is not None and ((self.root / f"{name}.pt").is_file() or (self.root / name).is_dir())
+
     def put(self, name: str, value: Mapping[str, Any]) -> None:
         """Store `value` (tensors, numbers, strings, lists and dicts of them) atomically."""
         if self.root is None:

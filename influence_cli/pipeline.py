@@ -300,7 +300,11 @@ def check(cfg: Config) -> Report:
         cost = cls.estimate(cfg.solver, n, p)
         estimates[solver_name] = {"memory_bytes": cost.memory_bytes, "fit_seconds": round(cost.fit_flops / _flops(), 2),
                                   "note": cost.note}
+    cache = resume.open_cache(cfg)
+    key = resume.solver_key(resume.base_key(cfg, problem, inp.checkpoint_sha256, inp.train.fingerprint), cfg, name)
     summary = {"command": "check", "n": n, "n_test": inp.test.n if inp.test else None, "parameters": p,
+               "cache": {"dir": str(cache.root) if cache.root else None,
+                         "fit_cached": cache.has(resume.fit_name(name, key))},
                "parameters_total": sum(q.numel() for q in problem.model.parameters()),
                "selected": list(problem.params.names), "solver": name, "solver_reason": reason,
                "device": str(inp.device),

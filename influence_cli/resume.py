@@ -54,12 +54,16 @@ def solver_key(base: dict[str, Any], cfg: Config, solver_name: str) -> dict[str,
     return {**base, "solver": settings}
 
 
+def fit_name(solver_name: str, key: dict[str, Any]) -> str:
+    return f"fit-{solver_name}-{content_key(key)}"
+
+
 def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, Any],
                progress: Progress | None = None) -> tuple[Solver, bool]:
     """(fitted solver, reused): its stored curvature when the cache has it, else fit and store."""
     if not isinstance(solver, Stateful) or not cache.enabled:
         return solver.fit(problem, progress), False
-    name = f"fit-{solver.name}-{content_key(key)}"
+    name = fit_name(solver.name, key)
     stored = cache.get(name)
     if stored is not None:
         if progress is not None:

@@ -185,3 +185,39 @@ def test_unwritable_cache_warns_and_the_run_still_succeeds(tmp_path: Path, capsy
     assert summary["cache"]["enabled"] is False
     assert any(w.startswith("cache: cannot") for w in summary["warnings"])
     assert (tmp_path / "out" / "selfcheck.csv").exists()
+
+
+def test_rank_reuses_fit_and_shards_and_matches_an_uncached_run(tmp_path: Path, capsys) -> None:
+    config = _workload(tmp_path, 5000)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 24, generator=g)
+    torch.save({"x": x, "y": x[:, :5].argmax(1)}, tmp_path / "test.pt")
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["test"] = {"format": "tensors", "path": "test.pt"}
+    config.write_text(yaml.safe_dump(raw))
+    out, plain = tmp_path / "out", tmp_path / "plain"
+
+    def rank(folder: Path, *extra: str) -> dict:
+        return _json(capsys, "rank", "-c", str(config), "-o", str(folder), *extra)
+
+    cold = rank(out)["cache"]
+    assert (cold["fit_reused"], cold["shards_reused"], cold["shards"]) == (False, 0, 3)
+    warm = rank(out)["cache"]
+    assert (warm["fit_reused"], warm["shards_reused"]) == (True, 3)
+    rank(plain, "--no-cache")
+    for name in ("helpful.csv", "harmful.csv", "overall.csv"):
+        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+    other = rank(out, "--test-ids", "2,5")["cache"]  # other test rows: the same fit, new shards
+    assert (other["fit_reused"], other["shards_reused"]) == (True, 0)
+    rank(plain, "--no-cache", "--test-ids", "2,5")
+    assert (out / "helpful.csv").read_bytes() == (plain / "helpful.csv").read_bytes()
+
+
+def test_check_says_whether_the_fit_is_cached(tmp_path: Path, capsys) -> None:
+    config = _workload(tmp_path, 2000)
+    out = str(tmp_path / "out")
+    assert _json(capsys, "check", "-c", str(config), "-o", out)["cache"]["fit_cached"] is False
+    _json(capsys, "selfcheck", "-c", str(config), "-o", out)
+    assert _json(capsys, "check", "-c", str(config), "-o", out)["cache"]["fit_cached"] is True
+    assert _json(capsys, "check", "-c", str(config), "-o", out, "--set", "solver.damping=0.5")["cache"][
+        "fit_cached"] is False
