@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ListLoader, make_case
 
 from influence_cli.errors import DataError
 from influence_cli.gradients import GradientSource
-
-from conftest import ListLoader, make_case
 
 
 def _reference_grads(case):

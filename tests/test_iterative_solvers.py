@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ListLoader, make_case
 
 from influence_cli.config import CGConfig, LissaConfig, SolverConfig
 from influence_cli.errors import DataError
@@ -12,8 +13,6 @@ from influence_cli.solvers import lissa as lissa_module
 from influence_cli.solvers import make_solver
 from influence_cli.solvers.cg import CGSolver
 from influence_cli.solvers.lissa import LissaSolver, _Minibatches
-
-from conftest import ListLoader, make_case
 
 DAMPING = {"ridge": 0.05, "logreg": 0.05, "mlp": 1.0}  # mlp: enough for a positive-definite exact Hessian
 

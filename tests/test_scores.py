@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_case
 
 from influence_cli.config import SelfcheckConfig, SolverConfig, TrainConfig
 from influence_cli.gradients import GradientSource
 from influence_cli.scores import flag_rows, loss_change_if_removed, robust_z, self_influence
 from influence_cli.solvers import make_solver
 from influence_cli.train import minimize
-
-from conftest import make_case
 
 
 def _all_grads(case):

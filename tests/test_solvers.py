@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_case
 
 from influence_cli.config import CGConfig, LissaConfig, SolverConfig
 from influence_cli.errors import ConfigError, NotFittedError
 from influence_cli.solvers import SOLVERS, Factored, make_solver
-
-from conftest import make_case
 
 TOL = {"direct": dict(rtol=1e-8, atol=1e-10), "ekfac": dict(rtol=1e-8, atol=1e-10), "arnoldi": dict(rtol=1e-6, atol=1e-8), "cg": dict(rtol=1e-6, atol=1e-8), "lissa": dict(rtol=2e-2, atol=2e-3)}
 # per-solver settings for the contract: tolerances tight enough for TOL (the forward error of an
