@@ -5,8 +5,8 @@ fingerprints, the settings that change the numbers, package and torch versions),
 input simply misses and nothing is ever invalidated by hand. Layout under `cache.dir`:
 `<kind>-<key>.pt` for one value, `<kind>-<key>/<part>.pt` for the shards of one sharded pass.
 
-Each file is `INFLCACHE1 <sha256 of the payload>\n` followed by a `torch.save` payload, written
-to a temp file, fsync'd and renamed into place: a killed run leaves whole entries only, and an
+Each file is a `torch.save` payload followed by `INFLCACHE1 <sha256 of the payload>\n`, streamed
+to a temp file (hashed as it is written), fsync'd and renamed into place: a killed run leaves whole entries only, and an
 entry whose checksum does not match (truncated, edited, a bad disk) is deleted and recomputed,
 never trusted. Payloads load with `weights_only=True`, so an entry cannot run code.
 
@@ -18,7 +18,6 @@ is over `cache.max_gb`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -34,7 +33,8 @@ import torch
 from .report import FILE_MODE
 
 MAGIC = b"INFLCACHE1 "
-HEADER = len(MAGIC) + 64 + 1  # magic, sha256 hex, newline
+TRAILER = len(MAGIC) + 64 + 1  # after the torch.save payload: magic, sha256 hex of the payload, newline
+CHUNK = 16 * 2**20
 FORMAT = 1  # bump when an entry's layout or meaning changes
 STALE_TEMP_SECONDS = 3600
 
@@ -70,14 +70,12 @@ class Cache:
             return None
         path = self.root / f"{name}.pt"
         try:
-            with open(path, "rb") as f:
-                head, payload = f.read(HEADER), f.read()
+            value = _read(path)
         except FileNotFoundError:
             return None
         except OSError as e:
             self._off(f"cannot read {path} ({e.strerror})")
             return None
-        value = _decode(head, payload)
         if value is None:
             self.stats.corrupt.append(name)
             path.unlink(missing_ok=True)
@@ -97,9 +95,6 @@ class Cache:
         """Store `value` (tensors, numbers, strings, lists and dicts of them) atomically."""
         if self.root is None:
             return
-        buffer = io.BytesIO()
-        torch.save(dict(value), buffer)
-        payload = buffer.getbuffer()  # no copy: the Hessian factor of a big model is gigabytes
         path = self.root / f"{name}.pt"
         tmp = None
         try:
@@ -107,8 +102,9 @@ class Cache:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-                f.write(payload)
+                sink = _Hashing(f)  # streamed: a gigabyte Hessian factor is never copied in memory
+                torch.save(dict(value), sink)
+                f.write(MAGIC + sink.digest.hexdigest().encode() + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -167,13 +163,39 @@ class Cache:
         self.root = None
 
 
-def _decode(head: bytes, payload: bytes) -> dict[str, Any] | None:
-    if len(head) != HEADER or not head.startswith(MAGIC) or not head.endswith(b"\n"):
+class _Hashing:
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """The entry's value, or None when its trailer or checksum is wrong or it does not load."""
+    size = path.stat().st_size
+    if size < TRAILER:
         return None
-    if hashlib.sha256(payload).hexdigest().encode() != head[len(MAGIC):-1]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size - TRAILER
+        while left > 0:
+            chunk = f.read(min(left, CHUNK))
+            if not chunk:
+                return None
+            digest.update(chunk)
+            left -= len(chunk)
+        trailer = f.read(TRAILER)
+    if trailer != MAGIC + digest.hexdigest().encode() + b"\n":
         return None
-    try:
-        value = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:  # the trailer after the zip's end is ignored by torch's reader
+        value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any unreadable payload is a miss
         return None
     return value if isinstance(value, dict) else None

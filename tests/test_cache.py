@@ -30,14 +30,15 @@ def test_round_trip_and_key_ignores_order(tmp_path: Path) -> None:
     assert cache.stats.hits == ["fit-x"] and cache.stats.writes == ["fit-x"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage", "header_only"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage", "trailer_only", "no_trailer"])
 def test_damaged_entries_are_misses_and_removed(tmp_path: Path, damage: str) -> None:
     cache = Cache(tmp_path)
     cache.put("e", {"t": torch.randn(100)})
     path = tmp_path / "e.pt"
     blob = path.read_bytes()
-    broken = {"truncate": blob[: len(blob) // 2], "flip": blob[:-5] + bytes([blob[-5] ^ 1]) + blob[-4:],
-              "empty": b"", "garbage": os.urandom(len(blob)), "header_only": blob[:76]}[damage]
+    broken = {"truncate": blob[: len(blob) // 2], "flip": blob[:100] + bytes([blob[100] ^ 1]) + blob[101:],
+              "empty": b"", "garbage": os.urandom(len(blob)), "trailer_only": blob[-76:],
+              "no_trailer": blob[:-76]}[damage]
     path.write_bytes(broken)
     assert cache.get("e") is None
     assert cache.stats.corrupt == ["e"] and not path.exists()
@@ -55,7 +56,7 @@ def test_a_pickle_payload_with_a_valid_checksum_is_not_loaded(tmp_path: Path) ->
     buffer = io.BytesIO()
     torch.save({"x": Evil()}, buffer)
     payload = buffer.getvalue()
-    (tmp_path / "e.pt").write_bytes(b"INFLCACHE1 " + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    (tmp_path / "e.pt").write_bytes(payload + b"INFLCACHE1 " + hashlib.sha256(payload).hexdigest().encode() + b"\n")
     assert Cache(tmp_path).get("e") is None
 
 

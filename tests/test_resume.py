@@ -164,7 +164,7 @@ def test_corrupt_truncated_and_foreign_entries_are_recomputed(tmp_path: Path, ca
     fit = next(cache.glob("fit-*.pt"))
     shards[0].write_bytes(shards[0].read_bytes()[:200])  # truncated
     blob = bytearray(shards[1].read_bytes())
-    blob[-10] ^= 0xFF  # one flipped byte
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the payload
     shards[1].write_bytes(bytes(blob))
     fit.write_bytes(b"not a cache entry at all")
     summary = _json(capsys, "selfcheck", "-c", str(config), "-o", str(out))
