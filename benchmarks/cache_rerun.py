@@ -13,6 +13,7 @@ Process start (python + torch import, ~1-3 s here) is inside every figure: the c
 below it, so the ratio only means something on workloads that take longer than that.
 
 Run:  .venv/bin/python benchmarks/cache_rerun.py [--workloads mlp:5000,logreg:50000] [--repeats 3]
+      [--shard-rows 1024]  (small shards, so a kill at half the shards lands mid-run)
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="mlp:5000,logreg:50000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard-rows", type=int, default=1024, help="cache.shard_rows for every run")
     args = parser.parse_args()
     print(f"{'workload':<14}{'cold s':>9}{'cached s':>10}{'nocache s':>11}{'resumed s':>11}{'cached/cold':>13}"
           f"{'resumed/cold':>14}  identical  phases (cached)")
@@ -67,6 +69,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             config = str(make_workload(folder, int(n), model))
+            text = Path(config).read_text()  # JSON is YAML: add the shard size
+            Path(config).write_text(text.rstrip()[:-1] + f', "cache": {{"shard_rows": {args.shard_rows}}}}}')
             cold, cached, nocache, resumed, same = [], [], [], [], True
             for r in range(args.repeats):
                 out = folder / f"out{r}"

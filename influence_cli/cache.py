@@ -6,9 +6,9 @@ input simply misses and nothing is ever invalidated by hand. Layout under `cache
 `<kind>-<key>.pt` for one value, `<kind>-<key>/<part>.pt` for the shards of one sharded pass.
 
 Each file is a `torch.save` payload followed by `INFLCACHE1 <sha256 of the payload>\n`, streamed
-to a temp file (hashed as it is written), fsync'd and renamed into place: a killed run leaves whole entries only, and an
-entry whose checksum does not match (truncated, edited, a bad disk) is deleted and recomputed,
-never trusted. Payloads load with `weights_only=True`, so an entry cannot run code.
+to a temp file (hashed as it is written) and renamed into place (no fsync, see `put`): a killed
+run leaves whole entries only, and an entry whose checksum does not match (truncated, edited, a
+bad disk, a power cut) is deleted and recomputed, never trusted. Payloads load with `weights_only=True`, so an entry cannot run code.
 
 The cache is an optimisation and never a reason to fail a run: a folder that cannot be written
 turns it off with a warning. After each run the least recently used entries go when the folder
@@ -105,8 +105,8 @@ class Cache:
                 sink = _Hashing(f)  # streamed: a gigabyte Hessian factor is never copied in memory
                 torch.save(dict(value), sink)
                 f.write(MAGIC + sink.digest.hexdigest().encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+                # no fsync: a kill never loses written data, and what a power cut could (a short or
+                # zeroed file under the final name) fails the checksum and is recomputed
             os.replace(tmp, path)
             tmp = None
         except OSError as e:
