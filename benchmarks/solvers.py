@@ -22,7 +22,7 @@ Per cell (model x n x solver), in a fresh subprocess (benchmarks/_solvers_cells.
   rho               Spearman with direct at the same n: self-influence over all rows (cg/lissa: the 64
                     sampled rows) and loss_change_if_removed on the mean test loss over all rows
   ~S (R rows: s)    timed on R rows (the first ones, or the 64 sampled for cg/lissa), scaled linearly to n
-Cost control: a probe subprocess per model times (best of two) per-example gradients, HVP passes of
+Cost control: a probe subprocess per model times (best of 3) per-example gradients, HVP passes of
 4/21/70(/256) vectors, lissa minibatch steps, arnoldi's half_ihvp and an EK-FAC fit on the first rows; each
 phase's cost is estimated from it (worst case: every iteration taken), scaled by how much slower a matmul
 runs just before the cell than at the probe (other jobs share the 2 cores), times 1.3. Phases are planned in
@@ -38,8 +38,9 @@ Run:  .venv/bin/python benchmarks/solvers.py [--sizes 10000,50000] [--models mlp
           [--solvers direct,cg,lissa,arnoldi,ekfac] [--max-seconds-per-cell 480] [--max-seconds-reference 1800]
           [--max-seconds-total 2100] [--train-to-test-max-p 100000] [--set solver.lissa.depth=300 ...]
           [--dry-run] [--workdir DIR]
-Ran on the 2-core shared development CPU, no GPU (README "Performance"), defaults:
+Ran on the 2-core shared development CPU, no GPU (README "Solvers"), defaults, 1,804 s wall:
       .venv/bin/python benchmarks/solvers.py
+Timings on that machine vary up to ~4x between runs of the same cell (other jobs share the cores).
 """
 
 from __future__ import annotations
