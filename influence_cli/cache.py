@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .interrupts import deferred
 from .report import FILE_MODE
 
 MAGIC = b"INFLCACHE1 "
@@ -101,21 +102,22 @@ class Cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
-                sink = _Hashing(f)  # streamed: a gigabyte Hessian factor is never copied in memory
-                torch.save(dict(value), sink)
-                f.write(MAGIC + sink.digest.hexdigest().encode() + b"\n")
-                # no fsync: a kill never loses written data, and what a power cut could (a short or
-                # zeroed file under the final name) fails the checksum and is recomputed
-            os.replace(tmp, path)
-            tmp = None
+            with deferred():  # Ctrl-C / SIGTERM wait until the entry is whole and in place
+                with os.fdopen(fd, "wb") as f:
+                    sink = _Hashing(f)  # streamed: a gigabyte Hessian factor is never copied in memory
+                    torch.save(dict(value), sink)
+                    f.write(MAGIC + sink.digest.hexdigest().encode() + b"\n")
+                    # no fsync: a kill never loses written data, and what a power cut could (a short
+                    # or zeroed file under the final name) fails the checksum and is recomputed
+                os.replace(tmp, path)
+                tmp = None
+                self.stats.writes.append(name)
         except OSError as e:
             self._off(f"cannot write {path} ({e.strerror})")
             return
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-        self.stats.writes.append(name)
 
     def cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """(value, reused): the stored value, or compute() stored now."""
@@ -195,7 +197,8 @@ def _read(path: Path) -> dict[str, Any] | None:
     if trailer != MAGIC + digest.hexdigest().encode() + b"\n":
         return None
     try:  # the trailer after the zip's end is ignored by torch's reader
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        with deferred():  # an interrupt inside torch's reader must not make a good entry look corrupt
+            value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any unreadable payload is a miss
         return None
     return value if isinstance(value, dict) else None

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError, DataError
+from .interrupts import deferred
 from .report import FILE_MODE
 from .sources import import_object
 
@@ -197,11 +198,12 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, FILE_MODE)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with deferred():  # Ctrl-C / SIGTERM wait until the whole file is in place
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,8 +12,10 @@ import pytest
 import torch
 from conftest import make_case
 
+from influence_cli import cache as cache_module
 from influence_cli.cache import Cache, content_key
 from influence_cli.config import SolverConfig
+from influence_cli.models import save_checkpoint
 from influence_cli.resume import shard_ranges
 from influence_cli.solvers import SOLVERS
 from influence_cli.solvers.base import Stateful
@@ -28,6 +31,57 @@ def test_round_trip_and_key_ignores_order(tmp_path: Path) -> None:
     assert content_key({"a": 1}) != content_key({"a": 2})
     assert cache.get("missing") is None
     assert cache.stats.hits == ["fit-x"] and cache.stats.writes == ["fit-x"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_write_finishes_the_entry_then_interrupts(tmp_path: Path, monkeypatch, signum: int) -> None:
+    """torch.save writes through Python from C++: an interrupt raised in there came out as a
+    RuntimeError (an 'internal error', exit 4, in CI). It must wait for the whole entry, then stop."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)  # what the CLI installs for SIGTERM
+    try:
+        write, sent = cache_module._Hashing.write, []
+
+        def write_then_signal(self, data):
+            if not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signum)
+            return write(self, data)
+        monkeypatch.setattr(cache_module._Hashing, "write", write_then_signal)
+        cache = Cache(tmp_path)
+        value = {"t": torch.randn(50_000)}
+        with pytest.raises(KeyboardInterrupt):
+            cache.put("e", value)
+        assert sent and torch.equal(Cache(tmp_path).get("e")["t"], value["t"])  # whole and valid
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert signal.getsignal(signal.SIGTERM) is interrupt  # handlers are back as they were
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_interrupt_mid_checkpoint_write_keeps_the_whole_file(tmp_path: Path, monkeypatch) -> None:
+    model = torch.nn.Linear(200, 100)
+    real_save, sent = torch.save, []
+
+    def save_then_signal(obj, f, *args, **kwargs):
+        class Signalling:
+            def write(self, data):
+                if not sent:
+                    sent.append(True)
+                    os.kill(os.getpid(), signal.SIGINT)
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+        return real_save(obj, Signalling(), *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, tmp_path / "model.pt")
+    monkeypatch.undo()
+    assert sent and torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], model.weight.detach())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage", "trailer_only", "no_trailer"])
