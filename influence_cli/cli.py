@@ -45,15 +45,26 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
+_interrupted = threading.Event()
+
+
 def _terminate(_signum: int, _frame: Any) -> None:
+    _interrupted.set()  # an error raised while unwinding from here is still an interruption
     raise KeyboardInterrupt  # SIGTERM (cron timeouts, kill) stops like Ctrl-C: exit 130, finished shards kept
+
+
+def _interrupted_message() -> str:
+    return ("error: interrupted; reports from earlier runs are untouched, finished shards are kept in"
+            " the cache: rerun the same command to resume")
 
 
 @contextmanager
 def _run_command(debug: bool) -> Iterator[None]:
     """The one place errors become exit codes."""
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        _interrupted.clear()
+        previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except InflError as e:
@@ -66,16 +77,21 @@ def _run_command(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         if debug:
             raise
-        _stderr().print("error: interrupted; reports from earlier runs are untouched, finished shards are kept in"
-                        " the cache: rerun the same command to resume")
+        _stderr().print(_interrupted_message())
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - anything else is a bug
         if debug:
             raise
+        if _interrupted.is_set():  # e.g. a KeyboardInterrupt that C++ code turned into a RuntimeError
+            _stderr().print(_interrupted_message())
+            raise typer.Exit(130) from None
         _stderr().print(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it")
         raise typer.Exit(4) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class _UI:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,19 @@ def test_internal_error_is_exit_4_and_interrupt_130(capsys, cfg, monkeypatch):
 
     monkeypatch.setattr(pipeline, "selfcheck", interrupt)
     assert run(capsys, "selfcheck", "-c", cfg)[0] == 130
+
+    def signal_swallowed_by_cpp(*a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises KeyboardInterrupt here...
+        except KeyboardInterrupt as e:
+            raise RuntimeError("unexpected pos 25728 vs 25680") from e  # ...which torch's C++ rewraps
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(pipeline, "selfcheck", signal_swallowed_by_cpp)
+    code, _, err = run(capsys, "selfcheck", "-c", cfg)
+    assert code == 130 and err.startswith("error: interrupted"), err
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
+    monkeypatch.setattr(pipeline, "selfcheck", boom)
+    assert run(capsys, "selfcheck", "-c", cfg)[0] == 4  # the next command starts with no interruption noted
 
 
 def test_check_prints_facts(capsys, cfg):
