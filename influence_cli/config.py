@@ -110,11 +110,15 @@ class ArnoldiConfig:
     tol: float = 1e-4  # stop when every kept Ritz residual <= tol * largest Ritz value
     complement: Literal["rayleigh", "ritz", "none"] = "rayleigh"  # the rest of H^-1; none = truncation
     start: Literal["gradients", "random"] = "gradients"  # Krylov start block
+    refine: int = 2  # ihvp: CG steps on exact HVPs preconditioned by the low-rank inverse (refine + 1 data passes)
 
     def __post_init__(self) -> None:
         _positive(self, "rank", "max_iter", "tol")
         if self.oversample < 0:
             raise ConfigError(f"oversample: must be >= 0, got {self.oversample}")
+        if self.refine < 0:
+            raise ConfigError(f"refine: must be >= 0, got {self.refine}",
+                              hint="0 gives the plain low-rank + complement approximation")
 
 
 @dataclass(frozen=True)

@@ -142,10 +142,32 @@ def test_rank_below_p_is_exactly_the_documented_approximation(complement):
     v = _v(p)
     a = v @ u.T
     expected = (a / lam) @ u + (0.0 if c is None else (v - a @ u) / c)
-    torch.testing.assert_close(solver.ihvp(v), expected, rtol=1e-8, atol=1e-10)
-    # half_ihvp is the symmetric square root: A^T A v = A A v = ihvp(v), and ||A v||^2 = v . ihvp(v)
-    torch.testing.assert_close(solver.half_ihvp(solver.half_ihvp(v)), solver.ihvp(v), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(solver.half_ihvp(v).square().sum(1), (v * solver.ihvp(v)).sum(1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(solver.factored_ihvp(v), expected, rtol=1e-8, atol=1e-10)
+    # half_ihvp is the symmetric square root: A^T A v = A A v = factored_ihvp(v), ||A v||^2 = v . factored_ihvp(v)
+    torch.testing.assert_close(solver.half_ihvp(solver.half_ihvp(v)), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(solver.half_ihvp(v).square().sum(1), (v * expected).sum(1), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("complement", ["rayleigh", "none"])
+def test_refine_converges_from_the_low_rank_answer_to_the_exact_solve(complement):
+    case = make_case("mlp", damping=1.0)  # p = 57, positive definite: rank 5 leaves most of it to the complement
+    v = _v(case.problem.params.size)
+    exact = torch.linalg.solve(case.exact_hessian(), v.T).T
+    errors = []
+    for steps in (0, 1, 2, 4, 8, 40):
+        solver = _solver(5, damping=1.0, oversample=5, tol=1e-10, complement=complement, refine=steps)
+        solver.fit(case.problem)
+        got = solver.ihvp(v)
+        errors.append(float((got - exact).norm() / exact.norm()))
+        if steps == 0:
+            torch.testing.assert_close(got, solver.factored_ihvp(v), rtol=0, atol=0)
+            assert "refine_solves" not in solver.describe()
+        else:
+            info = solver.describe()
+            assert info["refine"] == steps and info["refine_solves"] == len(v)
+            assert info["refine_hvp_passes"] <= steps + 1 and info["arnoldi_residual_max"] > info["refine_residual_max"]
+    assert all(b < a for a, b in zip(errors[:4], errors[1:4])), errors  # each step helps at first
+    assert errors[0] > 1e-2 and errors[-1] < 1e-8, errors  # PCG from the low-rank answer reaches the exact solve
 
 
 def test_complement_beats_truncation_on_train_to_test_influence():
@@ -163,7 +185,7 @@ def test_complement_beats_truncation_on_train_to_test_influence():
     rho = {}
     for complement in ("rayleigh", "none"):
         solver = _solver(8, damping=1e-3, oversample=8, complement=complement, max_iter=20, tol=1e-8).fit(case.problem)
-        rho[complement] = spearman(solver.ihvp(target[None])[0] @ g.T)
+        rho[complement] = spearman(solver.factored_ihvp(target[None])[0] @ g.T)
     assert rho["rayleigh"] > 0.9 and rho["rayleigh"] > rho["none"] + 0.1, rho
 
 

@@ -38,6 +38,13 @@ sits at exactly weight_decay + damping), so a gradient-weighted c wins. c is cla
 absolute value, as direct does. With rank + oversample >= p the start block is the identity and all p
 eigenpairs are kept: one pass of p HVPs, exact (rank is reported as p).
 
+Refinement (`refine` = r > 0, the default 2; `ihvp` only): r steps of conjugate gradients on exact full-data
+HVPs preconditioned by that approximation (refine.py; r + 1 HVP passes per call, all columns in each). The
+low-rank-plus-complement inverse is a deflation preconditioner: CG has only the spread of the spectrum
+outside the top space left to resolve. With complement: none the preconditioner still uses c = the smallest
+kept Ritz value (a truncated inverse is singular, and CG preconditioned by it never leaves the top space).
+`half_ihvp` (self-influence) stays the plain approximation: a solve per row would cost HVP passes per row.
+
 Cost: passes * b HVPs (each pass ~ 4 forward passes of b vectors over the n rows) + one
 per-example gradient pass over the probe rows; memory (dim + 3b) p float64 numbers during fit
 (dim = Krylov basis size), r p after. ihvp: 4 k p r flops for k vectors; self-influence is
@@ -59,6 +66,7 @@ from ..errors import ConfigError
 from ..gradients import GradientSource
 from ..objective import Problem
 from .base import Cost, Progress, gib, memory_limit, require_fitted
+from .refine import RefineLog, refine
 
 DROP = 1e-10  # new Krylov directions below DROP * max|theta| are rounding noise: not added
 FLOOR = 1e-10  # eigenvalues and c below FLOOR * max|theta| are raised to it (as in direct)
@@ -182,6 +190,8 @@ class ArnoldiSolver:
         self._values: Tensor | None = None  # |theta| with floor (r,)
         self._c: float | None = None  # complement constant; None = truncation / no complement
         self._info: dict[str, Any] = {}
+        self._source: GradientSource | None = None
+        self._refined = RefineLog("arnoldi")
 
     @staticmethod
     def _sizes(config: SolverConfig, p: int) -> tuple[int, int]:
@@ -198,7 +208,9 @@ class ArnoldiSolver:
         dim = min(p, passes * b)
         return Cost(memory_bytes=8 * p * (dim + 3 * b) + 2**27,
                     fit_flops=4.0 * n * p * b * passes + 4.0 * p * dim * dim,
-                    note=f"block Arnoldi, {b} HVPs per data pass, at most {passes} passes (fewer at tol)")
+                    note=f"block Arnoldi, {b} HVPs per data pass, at most {passes} passes (fewer at tol); ihvp:"
+                         f" {config.arnoldi.refine + 1 if config.arnoldi.refine and rank < p else 0} full-data HVP"
+                         " passes per call (solver.arnoldi.refine), self-influence none")
 
     def fit(self, problem: Problem, progress: Progress | None = None) -> Self:
         cfg, p, device = self.config.arnoldi, problem.params.size, problem.device
@@ -248,6 +260,7 @@ class ArnoldiSolver:
             warnings.append(f"{negative} of the top Ritz values are negative (an indefinite Hessian); their absolute"
                             " values are used: raise solver.damping or use solver.hessian: gauss_newton")
         self._info = self._diagnostics(problem, krylov, rank, b, probes, extra, warnings)
+        self._source, self._refined = source, RefineLog("arnoldi")
         return self
 
     def _diagnostics(self, problem: Problem, krylov: Krylov, rank: int, b: int, probes: Tensor, extra: int,
@@ -282,17 +295,36 @@ class ArnoldiSolver:
     def load_state(self, state: dict[str, Any], problem: Problem) -> Self:
         self._vectors, self._values = state["vectors"].to(problem.device), state["values"].to(problem.device)
         self._c, self._info = state["c"], state["info"]
+        self._source, self._refined = GradientSource(problem), RefineLog("arnoldi")
         return self
 
     def ihvp(self, v: Tensor) -> Tensor:
-        """U^T diag(1/|theta|) U v + (v - U^T U v) / c for v of shape (k, p); float64 result.
-        Exact with rank >= p."""
+        """(H + (weight_decay + damping) I)^-1 v for v (k, p) -> (k, p) float64: `factored_ihvp` refined by
+        solver.arnoldi.refine steps of CG on exact HVPs preconditioned by it (refine + 1 full-data HVP passes,
+        all k columns in each; none when refine is 0 or the rank is full, where it is exact). Linear in v
+        only up to each solve's remaining error; describe() reports residuals before and after."""
+        vectors = require_fitted(self, "_vectors")
+        if self.config.arnoldi.refine == 0 or len(vectors) >= vectors.shape[1]:  # full rank: exact already
+            return self.factored_ihvp(v)
+        source: GradientSource = require_fitted(self, "_source")
+        b = v.to(device=vectors.device, dtype=torch.float64)
+        # complement none: the truncated inverse is singular, CG preconditioned by it never leaves the top space;
+        # the preconditioner then takes the smallest kept Ritz value for the rest (complement ritz)
+        c = self._c if self._c is not None else float(self._values.min())
+        return refine(source.hvp, lambda r: self._apply(r, c), b, self.config.arnoldi.refine, self._refined)
+
+    def factored_ihvp(self, v: Tensor) -> Tensor:
+        """U^T diag(1/|theta|) U v + (v - U^T U v) / c for v of shape (k, p); float64 result, no pass over the
+        data (what `half_ihvp` squares to, and refine's preconditioner). Exact with rank >= p."""
+        return self._apply(v, self._c)
+
+    def _apply(self, v: Tensor, c: float | None) -> Tensor:
         vectors = require_fitted(self, "_vectors")
         v64 = v.to(dtype=torch.float64, device=vectors.device)
         a = v64 @ vectors.T
         out = (a / self._values) @ vectors
-        if self._c is not None:
-            out = out + (v64 - a @ vectors) / self._c
+        if c is not None:
+            out = out + (v64 - a @ vectors) / c
         return out
 
     def half_ihvp(self, v: Tensor) -> Tensor:
@@ -307,7 +339,13 @@ class ArnoldiSolver:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **self._info}
+        info = {"name": self.name, **self._info, "refine": self.config.arnoldi.refine, **self._refined.summary()}
+        if self._refined.negative_curvature:
+            info["warnings"] = [*info.get("warnings", []),
+                                f"arnoldi: refine met {self._refined.negative_curvature} directions of non-positive"
+                                " curvature (the Hessian is not positive definite there); those solves keep the"
+                                " low-rank answer: raise solver.damping or use solver.hessian: gauss_newton"]
+        return info
 
 
 class _Sample:

@@ -14,7 +14,7 @@ For one Linear layer with MSE, S is constant and the correction makes this equal
 Refinement (`refine` = r > 0, `ihvp` only): block CG on A = H + (weight_decay + damping) I, applied by exact
 full-data HVPs (`GradientSource.hvp`: problem.hessian, exact or Gauss-Newton, weight decay and damping added
 once, the objective the direct solver inverts), preconditioned by M. Its first step is the EK-FAC answer M v
-(rescaled); r more steps refine it, r + 1 HVP passes in all (see `_refine`): train->test influence then ranks
+(rescaled); r more steps refine it, r + 1 HVP passes in all (see refine.py): train->test influence then ranks
 like the exact solve (digits overall.csv Spearman vs direct: 0.88 plain, 0.99 with r = 2; MLP 64-40-10:
 0.85, 0.98). A fixed number of CG steps is not exactly linear in v (the step sizes depend on v):
 ihvp(a + b) = ihvp(a) + ihvp(b) only up to each solve's remaining error. `half_ihvp` and
@@ -32,9 +32,8 @@ p-sized per-example gradient, and never runs an HVP per row.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
@@ -45,6 +44,7 @@ from ..errors import DataError
 from ..gradients import GradientSource
 from ..objective import Problem
 from .base import Cost, Progress, require_fitted
+from .refine import RefineLog, refine
 from .ekfac_layers import (
     Layer,
     capture,
@@ -58,7 +58,6 @@ from .ekfac_layers import (
 )
 
 EIGEN_FLOOR = 1e-10
-REFINE_STOP = 1e-12  # refine: a column whose relative residual is below this takes no more CG steps
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class EkfacSolver:
         self._problem: Problem | None = None
         self._source: GradientSource | None = None
         self._info: dict[str, Any] = {}
-        self._refined = _RefineLog()
+        self._refined = RefineLog("ekfac")
 
     @classmethod
     def estimate(cls, config: SolverConfig, n: int, p: int) -> Cost:
@@ -135,7 +134,7 @@ class EkfacSolver:
         self._info = _finish(layers, problem)
         self._info.update(output_factor=mode, correct_eigenvalues=opts.correct_eigenvalues)
         self._layers, self._problem, self._source = layers, problem, GradientSource(problem)
-        self._refined = _RefineLog()
+        self._refined = RefineLog("ekfac")
         return self
 
     def state(self) -> dict[str, Any]:
@@ -151,7 +150,7 @@ class EkfacSolver:
                 setattr(layer, k, v.to(problem.device) if isinstance(v, Tensor) else v)
         self._info = state["info"]
         self._layers, self._problem, self._source = layers, problem, GradientSource(problem)
-        self._refined = _RefineLog()
+        self._refined = RefineLog("ekfac")
         return self
 
     # ---- apply ----------------------------------------------------------------------------------
@@ -188,7 +187,7 @@ class EkfacSolver:
             return self.factored_ihvp(v)
         source: GradientSource = require_fitted(self, "_source")
         b = v.to(device=source.problem.device, dtype=torch.float64)
-        return _refine(source.hvp, self.factored_ihvp, b, self.config.ekfac.refine, self._refined)
+        return refine(source.hvp, self.factored_ihvp, b, self.config.ekfac.refine, self._refined)
 
     def half_ihvp(self, v: Tensor) -> Tensor:
         """A v = diag^-1/2 (U_S x U_A)^T v per layer, so ||A g||^2 = g^T H_ekfac^-1 g. (k, p) -> (k, p) float64
@@ -276,74 +275,6 @@ def _finish(layers: list[Layer], problem: Problem) -> dict[str, Any]:
         res["warnings"] = [f"ekfac: {floored} eigenvalues below {EIGEN_FLOOR:g} x the largest were raised to it;"
                            " raise solver.damping or weight_decay"]
     return res
-
-
-@dataclass
-class _RefineLog:
-    """What refine did in the ihvp calls since fit: per solve (column) the relative residual of the plain EK-FAC
-    answer M v (`before`) and of the refined one (`after`), and the CG steps taken after the first (EK-FAC) one;
-    HVP passes; directions of non-positive curvature met."""
-
-    passes: int = 0
-    negative_curvature: int = 0
-    iterations: list[int] = field(default_factory=list)
-    before: list[float] = field(default_factory=list)
-    after: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        if not self.after:
-            return {}
-        return {"refine_solves": len(self.after), "refine_hvp_passes": self.passes,
-                "refine_iterations_max": max(self.iterations),
-                "refine_residual_max": max(self.after), "refine_residual_median": statistics.median(self.after),
-                "ekfac_residual_max": max(self.before), "ekfac_residual_median": statistics.median(self.before)}
-
-
-def _refine(hvp: Callable[[Tensor], Tensor], precondition: Callable[[Tensor], Tensor], b: Tensor, steps: int,
-            log: _RefineLog) -> Tensor:
-    """Block preconditioned CG for A x = b, b (k, p) float64, A = `hvp` (symmetric, positive definite expected),
-    M = `precondition`, all columns in lockstep: from x = 0, 1 + `steps` steps. The first step is the EK-FAC
-    answer M b, optimally rescaled; each further step refines it, and the result minimizes the A-norm error over
-    span{M b, (M A) M b, ..., (M A)^steps M b}: at least as accurate as `steps` CG steps started from x_0 = M b,
-    for the same 1 + `steps` `hvp` calls (each on the columns still active). A column stops early when its
-    relative residual is <= REFINE_STOP (so with an exact M the answer is M b) or on a direction of non-positive
-    curvature (in the first step it then keeps M b). Residuals are the CG recurrence's (b - A x in exact
-    arithmetic; no extra pass to measure them); `before` is that of M b itself, b - A M b, from the first step."""
-    tiny = torch.finfo(torch.float64).tiny
-    b_norm = b.norm(dim=1)
-    x, r = torch.zeros_like(b), b.clone()
-    d = precondition(b)  # z_0 = M r_0 = M b
-    rz = (r * d).sum(1)
-    before = (b_norm > 0).to(b.dtype)
-    steps_taken = torch.zeros(len(b), dtype=torch.long, device=b.device)
-    active = (b_norm > 0).nonzero().flatten()
-    for step in range(steps + 1):
-        active = active[r[active].norm(dim=1) > REFINE_STOP * b_norm[active]]
-        if len(active) == 0:
-            break
-        ad = hvp(d[active])
-        log.passes += 1
-        curvature = (d[active] * ad).sum(1)
-        ok = curvature > 0
-        log.negative_curvature += int((~ok).sum())
-        if step == 0:
-            before[active] = (b[active] - ad).norm(dim=1) / b_norm[active]
-            x[active[~ok]] = d[active[~ok]]  # no usable curvature along M b: keep the plain EK-FAC answer
-            r[active[~ok]] = b[active[~ok]] - ad[~ok]
-        active, ad, curvature = active[ok], ad[ok], curvature[ok]
-        alpha = rz[active] / curvature
-        x[active] += alpha[:, None] * d[active]
-        r[active] -= alpha[:, None] * ad
-        steps_taken[active] += 1
-        if step < steps and len(active):
-            z = precondition(r[active])
-            rz_new = (r[active] * z).sum(1)
-            d[active] = z + (rz_new / rz[active])[:, None] * d[active]
-            rz[active] = rz_new
-    log.iterations += (steps_taken - 1).clamp_min(0).tolist()
-    log.before += before.tolist()
-    log.after += (r.norm(dim=1) / b_norm.clamp_min(tiny)).tolist()
-    return x
 
 
 def _tick(progress: Progress | None, done: int, total: int) -> int:
