@@ -32,7 +32,7 @@ p-sized per-example gradient, and never runs an HVP per row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -44,7 +44,6 @@ from ..errors import DataError
 from ..gradients import GradientSource
 from ..objective import Problem
 from .base import Cost, Progress, require_fitted
-from .refine import RefineLog, refine
 from .ekfac_layers import (
     Layer,
     capture,
@@ -56,6 +55,7 @@ from .ekfac_layers import (
     quadratic_form,
     sum_squared_projections,
 )
+from .refine import RefineLog, refine
 
 EIGEN_FLOOR = 1e-10
 
