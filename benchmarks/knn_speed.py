@@ -14,7 +14,7 @@ speed-ups of the whole run, of the run without the Hessian fit (identical in bot
 (full: phase score; knn: phases knn + score), and the mean per-test-row overlap of the top-10 helpful and
 harmful rows with the full ranking's (the recall of the narrowing: candidates are scored exactly).
 One torch thread by default: on a shared 2-core box, 2 threads contend (10x slower runs were measured).
-Run: .venv/bin/python benchmarks/knn_speed.py [--n 50000] [--hidden 512,256] [--k 100] [--tests 20] [--only mlp]
+Run: .venv/bin/python benchmarks/knn_speed.py [--n 50000] [--hidden 512,256] [--k 100] [--tests 20] [--only mlp] [--metrics grad,kfac]
 """
 
 from __future__ import annotations
@@ -104,14 +104,14 @@ def timed(cfg: Config, **kw):
     return result, time.perf_counter() - start
 
 
-def bench(name: str, cfg: Config, k: int) -> None:
+def bench(name: str, cfg: Config, k: int, metrics: tuple[str, ...] = METRICS) -> None:
     timed(cfg, knn=k)  # warm-up: imports, vmap tracing, allocator
     full, t_full = timed(cfg)
     ph = full.summary["phases_seconds"]
     print(f"\n{name}: n={full.summary['n']}, {full.summary['parameters']} parameters, "
           f"{full.summary['test_examples']} test rows, solver {full.summary['solver']}")
     print(f"  full        total {t_full:7.1f}s  " + " ".join(f"{p}={s:.1f}" for p, s in ph.items()))
-    for metric in METRICS:
+    for metric in metrics:
         knn, t_knn = timed(cfg, knn=k, knn_metric=metric)
         kp, info = knn.summary["phases_seconds"], knn.summary["knn"]
         no_fit = (t_full - ph["fit"]) / (t_knn - kp["fit"])
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--tests", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=3, help="Adam epochs for the MLP")
     ap.add_argument("--only", choices=["mlp", "logreg"])
+    ap.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of " + ", ".join(METRICS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (on a shared box, 2 threads contend badly)")
     ap.add_argument("--ekfac-output", default="sample", choices=["auto", "sample"],
                     help="EK-FAC output factor: sample (1 draw per row) keeps the fit cheap; auto: exact, 10 backwards")
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             start = time.perf_counter()
             train_model(folder, spec, epochs)
             print(f"\n(trained {name} in {time.perf_counter() - start:.0f}s)")
-            bench(name, config(folder, spec, solver), args.k)
+            bench(name, config(folder, spec, solver), args.k, tuple(args.metrics.split(",")))
 
 
 if __name__ == "__main__":

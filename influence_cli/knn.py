@@ -1,23 +1,25 @@
 """FastIF narrowing (Guo et al. 2021) for `infl rank --knn K`: which training rows to score per test row.
 
-Every metric reads the model's last nn.Linear layer: its input a (the penultimate features; a' = [a, 1] when the
-layer has a bias) and its output gradient r = dL/d(its output) (cross-entropy: softmax - onehot). That layer's
-per-example gradient is g = r a'^T, so g_t.g_z = (a'_t.a'_z)(r_t.r_z).
-  cosine  the K largest a_t.a_z / (|a_t| |a_z|)
-  l2      the K smallest |a_t - a_z|
-  grad    the K largest and the K most negative (a'_t.a'_z)(r_t.r_z), the last layer's gradient inner product.
-          Helpful rows (positive influence) and harmful rows (negative) sit at opposite ends, so 2K candidates.
-  kfac    as grad, with that layer's K-FAC curvature between the two: g_t^T (S x A)^-1 g_z =
-          (a'_t^T A^-1 a'_z)(r_t^T S^-1 r_z), A = mean a' a'^T and S = mean r r^T over the training rows, each
-          damped by KFAC_DAMPING x its mean eigenvalue: the last layer's own influence, approximately. Without it
-          the features' common direction (post-ReLU features all point one way) swamps the inner products.
+The metrics read nn.Linear layers through forward hooks: a layer's input a (a' = a with a 1 appended when its bias
+is scored) and its output gradient r = dL/d(its output) (cross-entropy at the last layer: softmax - onehot). A
+Linear layer's per-example gradient is r a'^T, so products of two rows' gradients factor into (a'.a')(r.r).
+  cosine  the K largest a_t.a_z / (|a_t| |a_z|), a the input of the model's last Linear layer (FastIF's features)
+  l2      the K smallest |a_t - a_z| in the same features
+  grad    the K largest and the K most negative g_t.g_z = sum_l (a'_t.a'_z)(r_t.r_z) over the Linear layers that own
+          selected parameters: the gradient inner product in those parameters. Helpful rows (positive influence) and
+          harmful rows (negative) sit at opposite ends, so 2K candidates.
+  kfac    as grad, with each layer's K-FAC curvature in between: sum_l (a'_t^T A_l^-1 a'_z)(r_t^T S_l^-1 r_z),
+          A_l = mean a' a'^T and S_l = mean r r^T over the training rows, each damped by KFAC_DAMPING x its mean
+          eigenvalue: the influence under a block-diagonal Kronecker-factored Hessian, approximately. Without the
+          curvature, the features' common direction (post-ReLU features all point one way) swamps the products.
 A test row's r is that of its own label (the test loss it is about), a training row's r that of its label (the
-training loss whose removal is scored).
+training loss whose removal is scored). Layers run on one vector per row (2-D input) only; grad and kfac refuse
+others with a hint to use cosine.
 Cost: one forward and one backward pass over all training rows in large batches, with no per-example gradients;
 the same pass gives the objective's value and gradient at the checkpoint (the full ranking gets them from its
-per-example gradients, which --knn computes only for the candidates). kfac needs A and S before any similarity:
-it keeps every row's (a, r) from that pass when they fit the memory budget, else makes a second, forward-only
-pass. Memory: T x (K or 2K) indices; kfac (d + 1)^2 + C^2.
+per-example gradients, which --knn computes only for the candidates). kfac needs its factors before any
+similarity: it keeps every row's (a, r) from that pass when they fit the memory budget, else makes a second pass.
+Memory: T x (K or 2K) indices; kfac sum_l (in_l + 1)^2 + out_l^2.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .gradients import BLOCK_BYTES, GradientSource
 from .objective import Problem
 
 METRICS = ("cosine", "l2", "grad", "kfac")
-KFAC_DAMPING = 0.01  # relative to each factor's mean eigenvalue; measured in benchmarks/knn_speed.py
+KFAC_DAMPING = 0.3  # relative to each factor's mean eigenvalue: chosen from 0.001-1 on benchmarks/knn_speed.py workloads (README)
 Batches = Iterable[tuple[Tensor, Tensor, Tensor]]
 
 
@@ -51,12 +53,27 @@ class Neighbors:
 
 
 @dataclass(frozen=True)
-class _Head:
-    """One batch through the last Linear layer: a (B, d), r (B, C) = dL_i/d(layer output), losses (B,)."""
+class _Site:
+    """A Linear layer the metric reads; weight / bias: whether its features get the input / a 1 (the selected
+    parameters for grad and kfac; cosine and l2 read the input as it is)."""
+
+    name: str
+    module: nn.Linear
+    weight: bool
+    bias: bool
+
+    def features(self, a: Tensor) -> Tensor:
+        parts = ([a] if self.weight else []) + ([a.new_ones(len(a), 1)] if self.bias else [])
+        return torch.cat(parts, dim=1)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One batch: per site the features (B, in') and output gradients (B, out); per-row losses (B,)."""
 
     idx: Tensor
-    a: Tensor
-    r: Tensor
+    a: list[Tensor]
+    r: list[Tensor]
     losses: Tensor
     param_grads: Tensor | None  # grad of the batch's summed loss in the selected parameters (p,)
 
@@ -74,34 +91,26 @@ def knn_neighbors(problem: Problem, train: Split, test_loader: Batches, rows: Se
                   metric: str) -> Neighbors:
     """The candidate training rows of each selected test row (`rows`, in that order), see the module doc."""
     check_knn(k, metric)
-    bias = _last_linear(problem.model).bias is not None
-    test = {int(i): (a, r) for h in _heads(problem, test_loader, metric, params=False)
-            for i, a, r in zip(h.idx.tolist(), h.a, h.r, strict=True)}
-    test_a = torch.stack([test[r][0] for r in rows])
-    test_r = torch.stack([test[r][1] for r in rows])
+    sites = _sites(problem, metric)
+    test = {int(i): ([a[j] for a in h.a], [r[j] for r in h.r])
+            for h in _passes(problem, sites, test_loader, metric, params=False) for j, i in enumerate(h.idx.tolist())}
+    test_a = [torch.stack([test[row][0][s] for row in rows]) for s in range(len(sites))]
+    test_r = [torch.stack([test[row][1][s] for row in rows]) for s in range(len(sites))]
     if metric == "cosine":
-        test_a = nn.functional.normalize(test_a, dim=1)
-    elif metric in ("grad", "kfac"):
-        test_a = _homogeneous(test_a, bias)
-    totals = _Totals(problem, factors=metric == "kfac")
-    first = (totals.add(h) for h in _heads(problem, _pass_loader(problem, train), metric, params=True, ids=train.ids))
-    blocks: Iterable[_Head] = first
+        test_a = [nn.functional.normalize(test_a[0], dim=1)]
+    totals = _Totals(problem, len(sites), factors=metric == "kfac")
+    train_pass = lambda params: _passes(problem, sites, _pass_loader(problem, train), metric, params, train.ids)  # noqa: E731
+    blocks: Iterable[_Rows] = (totals.add(h) for h in train_pass(True))
     if metric == "kfac":
-        blocks = _keep_if_small(first)  # the pass runs here: A and S are needed before any similarity
+        kept = _keep_if_small(blocks)  # the pass runs here: the factors are needed before any similarity
         test_a, test_r = totals.precondition(test_a, test_r)
-        if blocks is None:
-            blocks = _heads(problem, _pass_loader(problem, train), metric, params=False)
+        blocks = kept if kept is not None else train_pass(False)
     width = min(k, problem.n)
-    empty = (torch.empty(len(rows), 0, dtype=test_a.dtype), torch.empty(len(rows), 0, dtype=torch.long))
+    empty = (torch.empty(len(rows), 0, dtype=test_a[0].dtype), torch.empty(len(rows), 0, dtype=torch.long))
     best, worst = empty, empty
     for h in blocks:
-        if metric == "cosine":
-            sim = test_a @ nn.functional.normalize(h.a, dim=1).T
-        elif metric == "l2":
-            sim = -torch.cdist(test_a, h.a).square()
-        else:
-            sim = (test_a @ _homogeneous(h.a, bias).T.to(test_a.dtype)) * (test_r @ h.r.T.to(test_r.dtype))
-        sim, idx = sim.cpu(), h.idx.expand(len(rows), -1)
+        sim = _similarity(metric, test_a, test_r, h).cpu()
+        idx = h.idx.expand(len(rows), -1)
         best = _merge(best, sim, idx, width, largest=True)
         if metric in ("grad", "kfac"):
             worst = _merge(worst, sim, idx, width, largest=False)
@@ -111,10 +120,11 @@ def knn_neighbors(problem: Problem, train: Split, test_loader: Batches, rows: Se
 
 
 def grad_similarity(problem: Problem, left: Batches, right: Batches) -> Tensor:
-    """(a'_i.a'_j)(r_i.r_j) for every row i of `left` and j of `right` (loader order): the `grad` metric."""
-    bias = _last_linear(problem.model).bias is not None
-    (a1, r1), (a2, r2) = _embed(problem, left), _embed(problem, right)
-    return (_homogeneous(a1, bias) @ _homogeneous(a2, bias).T) * (r1 @ r2.T)
+    """g_i.g_j in the selected Linear layers' parameters for every row i of `left` and j of `right` (loader
+    order): the `grad` metric."""
+    sites = _sites(problem, "grad")
+    (a1, r1), (a2, r2) = _embed(problem, sites, left), _embed(problem, sites, right)
+    return sum((x1 @ x2.T) * (s1 @ s2.T) for x1, s1, x2, s2 in zip(a1, r1, a2, r2, strict=True))
 
 
 def candidate_loader(split: Split, rows: Sequence[int], batch_size: int, dtype: torch.dtype) -> CastLoader:
@@ -138,6 +148,16 @@ class _Picked:
                 yield idx, x, y
 
 
+def _similarity(metric: str, test_a: list[Tensor], test_r: list[Tensor], h: _Rows) -> Tensor:
+    """(T, B) similarities of the test rows to one batch of training rows."""
+    if metric == "cosine":
+        return test_a[0] @ nn.functional.normalize(h.a[0], dim=1).T.to(test_a[0].dtype)
+    if metric == "l2":
+        return -torch.cdist(test_a[0], h.a[0].to(test_a[0].dtype)).square()
+    return sum((ta @ a.T.to(ta.dtype)) * (tr @ r.T.to(tr.dtype))
+               for ta, tr, a, r in zip(test_a, test_r, h.a, h.r, strict=True))
+
+
 def _pass_loader(problem: Problem, train: Split) -> CastLoader:
     """All training rows in batches as large as the memory budget allows (activations kept for one backward)."""
     _, x, _ = next(iter(problem.train_loader))
@@ -146,80 +166,105 @@ def _pass_loader(problem: Problem, train: Split) -> CastLoader:
     return CastLoader(make_loader(train, rows), next(problem.model.parameters()).dtype)
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+def _sites(problem: Problem, metric: str) -> list[_Site]:
+    """cosine, l2: the last Linear layer (its raw input). grad, kfac: every Linear layer owning selected
+    parameters, in module order."""
+    linears = [(name, m) for name, m in problem.model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError("--knn: the model has no Linear layer whose input could serve as features",
                           hint="run rank without --knn")
-    return linears[-1]
+    if metric in ("cosine", "l2"):
+        return [_Site(*linears[-1], weight=True, bias=False)]
+    chosen = set(problem.params.names)
+    prefix = lambda name: f"{name}." if name else ""  # noqa: E731
+    sites = [_Site(name, m, f"{prefix(name)}weight" in chosen, m.bias is not None and f"{prefix(name)}bias" in chosen)
+             for name, m in linears]
+    sites = [s for s in sites if s.weight or s.bias]
+    if not sites:
+        raise ConfigError(f"--knn-metric {metric}: none of the selected parameters (params:) belongs to a Linear layer",
+                          hint="use --knn-metric cosine, or select Linear layers with params:")
+    return sites
 
 
-def _heads(problem: Problem, loader: Batches, metric: str, params: bool,
-           ids: Sequence[str] | None = None) -> Iterator[_Head]:
-    """Per batch: the last Linear layer's input and output gradient per row (one batched backward), the
-    per-row losses and, with params, the gradient of the summed loss in the selected parameters."""
+def _passes(problem: Problem, sites: list[_Site], loader: Batches, metric: str, params: bool,
+            ids: Sequence[str] | None = None) -> Iterator[_Rows]:
+    """Per batch: each site's features and output gradient per row (one batched backward), the per-row losses
+    and, with params, the gradient of the summed loss in the selected parameters."""
     model, obj, device = problem.model, problem.objective, problem.device
-    layer = _last_linear(model)
-    seen: list[tuple[Tensor, Tensor]] = []
+    seen: dict[int, list[tuple[Tensor, Tensor]]] = {s: [] for s in range(len(sites))}
 
-    def hook(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        if not out.requires_grad:  # nothing before it is differentiated: detaching cuts no path
-            out = out.detach().requires_grad_()
-        seen.append((inputs[0].detach(), out))
-        return out
+    def make(s: int):  # noqa: ANN202
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            if not out.requires_grad:  # nothing before it is differentiated: detaching cuts no path
+                out = out.detach().requires_grad_()
+            seen[s].append((inputs[0].detach(), out))
+            return out
+        return hook
 
     named = dict(model.named_parameters())
-    handle = layer.register_forward_hook(hook)
+    handles = [site.module.register_forward_hook(make(s)) for s, site in enumerate(sites)]
     try:
         for idx, x, y in loader:
-            seen.clear()
+            for s in seen:
+                seen[s].clear()
             theta = {n: named[n].detach().requires_grad_() for n in problem.params.names} if params else {}
             with torch.enable_grad():
                 y = y.to(device)
                 out = functional_call(model, theta, (x.to(device),))
                 losses = obj.per_example_loss(out, y)
-                if len(seen) != 1:
-                    raise ConfigError(f"--knn: the last Linear layer ran {len(seen)} times in one forward pass",
-                                      hint="use a model whose last Linear layer runs once per row")
-                a, head_out = seen[0]
-                grads = torch.autograd.grad(losses.sum(), [head_out, *theta.values()], allow_unused=True)
+                for s, site in enumerate(sites):
+                    if len(seen[s]) != 1:
+                        raise ConfigError(f"--knn: Linear layer {site.name or 'model'} ran {len(seen[s])} times in"
+                                          " one forward pass", hint="use --knn-metric cosine, or a model whose Linear"
+                                          " layers run once per row")
+                outs = [seen[s][0][1] for s in range(len(sites))]
+                grads = torch.autograd.grad(losses.sum(), [*outs, *theta.values()], allow_unused=True)
             bad = ~torch.isfinite(losses.detach())
             if bool(bad.any()):
                 where = [ids[i] if ids else str(i) for i in idx[bad.cpu()].tolist()[:5]]
                 raise DataError(f"loss is NaN/inf for rows with id {', '.join(where)}",
                                 hint="check those rows' features and labels, and that the checkpoint is not diverged")
-            r = grads[0]
-            if metric in ("grad", "kfac") and (a.dim() != 2 or r.dim() != 2):
-                raise ConfigError(f"--knn-metric {metric}: the last Linear layer must see one vector per row",
-                                  hint=f"its input has shape {tuple(a.shape)}; use --knn-metric cosine")
+            a_list, r_list = [], []
+            for s, site in enumerate(sites):
+                a, out_s = seen[s][0]
+                r = torch.zeros_like(out_s) if grads[s] is None else grads[s]
+                if metric in ("grad", "kfac"):
+                    if a.dim() != 2 or r.dim() != 2:
+                        raise ConfigError(f"--knn-metric {metric}: Linear layer {site.name or 'model'} must see one"
+                                          f" vector per row", hint=f"its input has shape {tuple(a.shape)}; use"
+                                          " --knn-metric cosine, or params: to leave that layer out")
+                    a = site.features(a)
+                a_list.append(a.flatten(1))
+                r_list.append(r.detach().flatten(1))
             param_grads = None
             if params:
-                filled = {n: torch.zeros_like(theta[n]) if g is None else g
-                          for n, g in zip(theta, grads[1:], strict=True)}
+                rest = grads[len(sites):]
+                filled = {n: torch.zeros_like(theta[n]) if g is None else g for n, g in zip(theta, rest, strict=True)}
                 param_grads = problem.params.flatten(filled)
-            yield _Head(idx, a.flatten(1), r.detach().flatten(1), losses.detach(), param_grads)
+            yield _Rows(idx, a_list, r_list, losses.detach(), param_grads)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class _Totals:
-    """Sums over the training pass: loss, gradient of the summed loss, and (factors) A and S of the kfac metric."""
+    """Sums over the training pass: loss, gradient of the summed loss, and (factors) each site's A and S."""
 
-    def __init__(self, problem: Problem, factors: bool) -> None:
+    def __init__(self, problem: Problem, sites: int, factors: bool) -> None:
         self.problem, self.factors = problem, factors
         self.loss, self.grad = 0.0, torch.zeros(problem.params.size, dtype=torch.float64, device=problem.device)
-        self.a: Tensor | None = None
-        self.s: Tensor | None = None
+        self.a: list[Tensor | None] = [None] * sites
+        self.s: list[Tensor | None] = [None] * sites
 
-    def add(self, h: _Head) -> _Head:
+    def add(self, h: _Rows) -> _Rows:
         self.loss += float(h.losses.double().sum())
         if h.param_grads is not None:
             self.grad += h.param_grads.double()
         if self.factors:
-            a = _homogeneous(h.a, _last_linear(self.problem.model).bias is not None).double()
-            r = h.r.double()
-            self.a = a.T @ a if self.a is None else self.a.addmm_(a.T, a)
-            self.s = r.T @ r if self.s is None else self.s.addmm_(r.T, r)
+            for i, (a, r) in enumerate(zip(h.a, h.r, strict=True)):
+                a, r = a.double(), r.double()
+                self.a[i] = a.T @ a if self.a[i] is None else self.a[i].addmm_(a.T, a)
+                self.s[i] = r.T @ r if self.s[i] is None else self.s[i].addmm_(r.T, r)
         return h
 
     def objective(self) -> tuple[float, Tensor]:
@@ -228,36 +273,37 @@ class _Totals:
         flat = self.problem.params.flatten(self.problem.params.values(self.problem.model)).double()
         return self.loss / n + float(obj.regularizer(flat)), self.grad / n + obj.weight_decay * flat
 
-    def precondition(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-        """(A + dI)^-1 a'_t and (S + dI)^-1 r_t for the test rows (float64), d = KFAC_DAMPING x mean eigenvalue."""
-        out = []
-        for factor, x in ((self.a, a), (self.s, r)):
-            damped = torch.as_tensor(factor) / self.problem.n
-            damped.diagonal().add_(KFAC_DAMPING * float(damped.diagonal().mean()) + 1e-30)
-            out.append(torch.linalg.solve(damped, x.double().to(damped.device).T).T)
-        return out[0], out[1]
+    def precondition(self, a: list[Tensor], r: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """(A_l + dI)^-1 a'_t and (S_l + dI)^-1 r_t per site for the test rows (float64), d = KFAC_DAMPING x the
+        factor's mean eigenvalue."""
+        return ([_solve_damped(f, x, self.problem.n) for f, x in zip(self.a, a, strict=True)],
+                [_solve_damped(f, x, self.problem.n) for f, x in zip(self.s, r, strict=True)])
 
 
-def _keep_if_small(heads: Iterable[_Head]) -> list[_Head] | None:
-    """Runs the pass to its end; returns its blocks (a and r only) if they fit the memory budget, else None."""
-    kept: list[_Head] | None = []
+def _solve_damped(factor: Tensor | None, x: Tensor, n: int) -> Tensor:
+    damped = torch.as_tensor(factor) / n
+    damped.diagonal().add_(KFAC_DAMPING * float(damped.diagonal().mean()) + 1e-30)
+    return torch.linalg.solve(damped, x.double().to(damped.device).T).T
+
+
+def _keep_if_small(blocks: Iterable[_Rows]) -> list[_Rows] | None:
+    """Runs the pass to its end; returns its blocks (features and output gradients only) if they fit the memory
+    budget, else None."""
+    kept: list[_Rows] | None = []
     size = 0
-    for h in heads:
-        size += (h.a.numel() + h.r.numel()) * h.a.element_size()
+    for h in blocks:
+        size += sum(t.numel() * t.element_size() for t in (*h.a, *h.r))
         if kept is not None and size <= BLOCK_BYTES:
-            kept.append(_Head(h.idx, h.a, h.r, h.losses, None))
+            kept.append(_Rows(h.idx, h.a, h.r, h.losses, None))
         else:
             kept = None
     return kept
 
 
-def _homogeneous(a: Tensor, bias: bool) -> Tensor:
-    return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], dim=1) if bias else a
-
-
-def _embed(problem: Problem, loader: Batches) -> tuple[Tensor, Tensor]:
-    heads = list(_heads(problem, loader, "grad", params=False))
-    return torch.cat([h.a for h in heads]), torch.cat([h.r for h in heads])
+def _embed(problem: Problem, sites: list[_Site], loader: Batches) -> tuple[list[Tensor], list[Tensor]]:
+    blocks = list(_passes(problem, sites, loader, "grad", params=False))
+    return ([torch.cat([h.a[s] for h in blocks]) for s in range(len(sites))],
+            [torch.cat([h.r[s] for h in blocks]) for s in range(len(sites))])
 
 
 def _merge(state: tuple[Tensor, Tensor], sim: Tensor, idx: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:

@@ -64,19 +64,19 @@ def test_feature_neighbors_match_brute_force(metric):
     np.testing.assert_array_equal(got.numpy(), np.argsort(-sim, axis=1, kind="stable")[:, :6])
 
 
-def _last_layer_grads(model: nn.Module, obj: Objective, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Explicit per-example gradients of the loss in the last Linear layer's weight and bias, (B, C*(d+1))."""
-    last = {k: v for k, v in model.named_parameters() if k.startswith("2.")}
+def _layer_grads(model: nn.Module, obj: Objective, x: torch.Tensor, y: torch.Tensor, prefix: str) -> torch.Tensor:
+    """Explicit per-example gradients of the loss in one Linear layer's weight and bias, (B, C*(d+1))."""
+    params = {k: v for k, v in model.named_parameters()}
 
-    def loss(params, xi, yi):
-        return obj.per_example_loss(functional_call(model, params, (xi[None],)), yi[None])[0]
+    def loss(p, xi, yi):
+        return obj.per_example_loss(functional_call(model, p, (xi[None],)), yi[None])[0]
 
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(last, x, y)
-    return torch.cat([g["2.weight"].flatten(1), g["2.bias"].flatten(1)], dim=1)
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[f"{prefix}.weight"].flatten(1), g[f"{prefix}.bias"].flatten(1)], dim=1)
 
 
 @pytest.mark.parametrize("task", ["classification", "binary", "regression"])
-def test_grad_similarity_is_last_layer_gradient_dot_product(task):
+def test_grad_similarity_is_the_gradient_dot_product(task):
     x, y = data(25, 4, task, 0)
     tx, ty = data(4, 4, task, 1)
     width = 3 if task == "classification" else 1 if task == "binary" else 2
@@ -85,34 +85,44 @@ def test_grad_similarity_is_last_layer_gradient_dot_product(task):
     problem = problem_for(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, width)), train, task)
     test_loader = CastLoader(make_loader(test, 3), torch.float64)
     sim = grad_similarity(problem, test_loader, problem.train_loader)
-    explicit = (_last_layer_grads(problem.model, problem.objective, tx, ty)
-                @ _last_layer_grads(problem.model, problem.objective, x, y).T)
+    full = [torch.cat([_layer_grads(problem.model, problem.objective, a, b, layer) for layer in ("0", "2")], dim=1)
+            for a, b in ((tx, ty), (x, y))]
+    explicit = full[0] @ full[1].T  # all parameters selected: the whole per-example gradient
     torch.testing.assert_close(sim, explicit, rtol=1e-10, atol=1e-12)
     # the metric keeps, per test row, the K most positive then the K most negative of these
     got = knn_neighbors(problem, train, test_loader, [0, 1, 2, 3], 4, "grad").rows
     order = np.argsort(-explicit.numpy(), axis=1, kind="stable")
     np.testing.assert_array_equal(got[:, :4].numpy(), order[:, :4])
     np.testing.assert_array_equal(got[:, 4:].numpy(), order[:, ::-1][:, :4])
+    # only the selected parameters count: the last layer alone, and its weight without its bias
+    for names, cols in ((("2.",), slice(None)), (("2.weight",), slice(0, -width))):
+        last = dataclasses.replace(problem, params=ParamSpace.select(problem.model, names))
+        g = [_layer_grads(problem.model, problem.objective, a, b, "2")[:, cols] for a, b in ((tx, ty), (x, y))]
+        torch.testing.assert_close(grad_similarity(last, test_loader, problem.train_loader), g[0] @ g[1].T,
+                                   rtol=1e-10, atol=1e-12)
 
 
-def test_kfac_metric_is_the_kronecker_preconditioned_gradient_product(monkeypatch):
+def test_kfac_metric_is_the_block_kronecker_preconditioned_gradient_product(monkeypatch):
     x, y = data(25, 4, "classification", 0)
     tx, ty = data(4, 4, "classification", 1)
     torch.manual_seed(0)
     train, test = split(x, y), split(tx, ty, "test")
     problem = problem_for(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), train)
-    gz, gt = (_last_layer_grads(problem.model, problem.objective, a, b) for a, b in ((x, y), (tx, ty)))
-    # independent factors: A from the features computed by hand, S from the bias gradients (= r)
-    feats = torch.cat([problem.model[:2](x), torch.ones(25, 1, dtype=torch.float64)], dim=1)
-    factors = [feats.T @ feats / 25, gz[:, -3:].T @ gz[:, -3:] / 25]
-    inv = [torch.linalg.inv(f + knn.KFAC_DAMPING * f.diagonal().mean() * torch.eye(len(f), dtype=f.dtype))
-           for f in factors]
+    ones = torch.ones(25, 1, dtype=torch.float64)
+    explicit = 0
+    for layer, inputs, width in (("0", x, 6), ("2", problem.model[:2](x), 3)):
+        gz, gt = (_layer_grads(problem.model, problem.objective, a, b, layer) for a, b in ((x, y), (tx, ty)))
+        # independent factors: A from the layer's inputs computed by hand, S from the bias gradients (= r)
+        feats = torch.cat([inputs, ones], dim=1)
+        factors = [feats.T @ feats / 25, gz[:, -width:].T @ gz[:, -width:] / 25]
+        inv = [torch.linalg.inv(f + knn.KFAC_DAMPING * f.diagonal().mean() * torch.eye(len(f), dtype=f.dtype))
+               for f in factors]
 
-    def vec(g):  # [weight (C, d) row-major, bias (C,)] -> rows of the (C, d + 1) gradient matrix, row-major
-        return torch.cat([g[:, :-3].reshape(len(g), 3, 6), g[:, -3:, None]], dim=2).reshape(len(g), -1)
+        def vec(g, width=width, d=feats.shape[1] - 1):  # [weight (C, d), bias (C,)] -> rows of the (C, d + 1) matrix
+            return torch.cat([g[:, :-width].reshape(len(g), width, d), g[:, -width:, None]], dim=2).reshape(len(g), -1)
 
-    explicit = (vec(gt) @ torch.kron(inv[1], inv[0]) @ vec(gz).T).numpy()
-    order = np.argsort(-explicit, axis=1, kind="stable")
+        explicit = explicit + vec(gt) @ torch.kron(inv[1], inv[0]) @ vec(gz).T
+    order = np.argsort(-explicit.numpy(), axis=1, kind="stable")
     test_loader = CastLoader(make_loader(test, 3), torch.float64)
     for budget in (knn.BLOCK_BYTES, 1):  # 1: one row per batch, (a, r) not kept: a second, forward-only pass
         monkeypatch.setattr(knn, "BLOCK_BYTES", budget)
@@ -234,3 +244,31 @@ def test_bad_knn_on_the_command_line_exits_2(capsys, cfg, tmp_path):
         cli.main(["rank", "-c", str(cfg.source), "-o", str(tmp_path), "--knn", "0", "--quiet"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("error: --knn")
+
+
+class _Sequence(nn.Module):
+    """A Linear layer applied per position (3-D input), then a pooled Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(x.reshape(len(x), 2, 2))).mean(dim=1))
+
+
+def test_layers_the_gradient_metrics_cannot_read_are_config_errors_that_say_which():
+    x, y = data(12, 4, "classification", 0)
+    train = split(x, y)
+    problem = problem_for(_Sequence(), train)
+    with pytest.raises(ConfigError, match="embed must see one vector per row") as e:
+        knn_neighbors(problem, train, problem.train_loader, [0], 3, "kfac")
+    assert "cosine" in e.value.hint and "params:" in e.value.hint
+    head_only = dataclasses.replace(problem, params=ParamSpace.select(problem.model, ("head.",)))
+    assert knn_neighbors(head_only, train, problem.train_loader, [0, 1], 3, "kfac").rows.shape == (2, 6)
+    conv = problem_for(nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(2, 3)),
+                       train)
+    conv_only = dataclasses.replace(conv, params=ParamSpace.select(conv.model, ("1.",)))
+    with pytest.raises(ConfigError, match="none of the selected parameters"):
+        knn_neighbors(conv_only, train, conv.train_loader, [0], 3, "grad")
+    assert knn_neighbors(conv_only, train, conv.train_loader, [0], 3, "cosine").rows.shape == (1, 3)
