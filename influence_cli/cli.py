@@ -215,8 +215,10 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
          damping_sweep: Annotated[bool, typer.Option(
              help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False,
          knn: Annotated[int | None, typer.Option(
-             help="FastIF: score only each test row's K nearest training rows (penultimate features).")] = None,
-         knn_metric: Annotated[str, typer.Option(help="cosine, l2, grad or kfac, for --knn (README).")] = "cosine",
+             help="FastIF: score only each test row's K nearest training rows (by --knn-metric).")] = None,
+         knn_metric: Annotated[str, typer.Option(help="kfac (default: K most helpful + K most harmful by a K-FAC"
+                                                      " influence estimate), grad, or FastIF's cosine / l2 in the"
+                                                      " last Linear layer's input features (README).")] = "kfac",
          no_cache: NoCacheOpt = False) -> None:
     """Influence of every training example on test examples (helpful/harmful/overall.csv)."""
     ui = _UI(quiet, as_json)

@@ -34,7 +34,7 @@ from .solvers import make_solver
 
 def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
          test_ids: Sequence[str] | None = None, group_by: str | None = None, knn: int | None = None,
-         knn_metric: str = "cosine") -> Report:
+         knn_metric: str = "kfac") -> Report:
     """loss_change_if_removed of every training row on each selected test row (top K each way)
     and on the mean loss of the selected test rows (every training row); with a group column,
     each group's first- and second-order effect on that mean loss (groups.csv)."""

@@ -309,9 +309,10 @@ def test_rank_knn_scores_only_neighbors(capsys, cfg, tmp_path):
                          "--top", "5", "--json")
     assert code == 0, err
     knn = json.loads(out)["knn"]
-    assert knn["scored_rows"] == 50 and knn["k"] == 50
+    # the default metric, kfac, takes the K most helpful and the K most harmful candidates
+    assert knn["metric"] == "kfac" and knn["scored_rows"] == 100 and knn["k"] == 50
     overall = pd.read_csv(tmp_path / "overall.csv")
-    assert len(overall) == 50 and overall["loss_change_if_removed"].is_monotonic_increasing
+    assert len(overall) == 100 and overall["loss_change_if_removed"].is_monotonic_increasing
     assert set(pd.read_csv(tmp_path / "helpful.csv")["train_id"]) <= set(overall["id"])
 
 
