@@ -9,9 +9,11 @@ Linear layer's per-example gradient is r a'^T, so products of two rows' gradient
           selected parameters: the gradient inner product in those parameters. Helpful rows (positive influence) and
           harmful rows (negative) sit at opposite ends, so 2K candidates.
   kfac    as grad, with each layer's K-FAC curvature in between: sum_l (a'_t^T A_l^-1 a'_z)(r_t^T S_l^-1 r_z),
-          A_l = mean a' a'^T and S_l = mean r r^T over the training rows, each damped by KFAC_DAMPING x its mean
-          eigenvalue: the influence under a block-diagonal Kronecker-factored Hessian, approximately. Without the
-          curvature, the features' common direction (post-ReLU features all point one way) swamps the products.
+          A_l = mean a' a'^T and S_l = mean r r^T over every ceil(n / FACTOR_ROWS)-th training row, each damped by
+          KFAC_DAMPING x its mean eigenvalue: the influence under a block-diagonal Kronecker-factored Hessian,
+          approximately. Without the curvature, the features' common direction (post-ReLU features all point one
+          way) swamps the products. The damping is large on purpose: swept over 0.001-1 on the MLP and logistic
+          regression of benchmarks/knn_speed.py, 0.3 kept the most of the exact top-10 on both (README).
 A test row's r is that of its own label (the test loss it is about), a training row's r that of its label (the
 training loss whose removal is scored). Layers run on one vector per row (2-D input) only; grad and kfac refuse
 others with a hint to use cosine.
@@ -38,6 +40,7 @@ from .gradients import BLOCK_BYTES, GradientSource
 from .objective import Problem
 
 METRICS = ("cosine", "l2", "grad", "kfac")
+FACTOR_ROWS = 10_000  # kfac: its factors are estimated from every ceil(n / FACTOR_ROWS)-th training row
 KFAC_DAMPING = 0.3  # relative to each factor's mean eigenvalue: chosen from 0.001-1 on benchmarks/knn_speed.py workloads (README)
 Batches = Iterable[tuple[Tensor, Tensor, Tensor]]
 
@@ -154,7 +157,7 @@ def _similarity(metric: str, test_a: list[Tensor], test_r: list[Tensor], h: _Row
         return test_a[0] @ nn.functional.normalize(h.a[0], dim=1).T.to(test_a[0].dtype)
     if metric == "l2":
         return -torch.cdist(test_a[0], h.a[0].to(test_a[0].dtype)).square()
-    return sum((ta @ a.T.to(ta.dtype)) * (tr @ r.T.to(tr.dtype))
+    return sum((ta.to(a.dtype) @ a.T) * (tr.to(r.dtype) @ r.T)  # in the model's dtype: candidates, not scores
                for ta, tr, a, r in zip(test_a, test_r, h.a, h.r, strict=True))
 
 
@@ -255,16 +258,22 @@ class _Totals:
         self.loss, self.grad = 0.0, torch.zeros(problem.params.size, dtype=torch.float64, device=problem.device)
         self.a: list[Tensor | None] = [None] * sites
         self.s: list[Tensor | None] = [None] * sites
+        self.stride = -(-problem.n // FACTOR_ROWS)
+        self.rows = len(range(0, problem.n, self.stride))  # rows the factors are estimated from
 
     def add(self, h: _Rows) -> _Rows:
         self.loss += float(h.losses.double().sum())
         if h.param_grads is not None:
             self.grad += h.param_grads.double()
         if self.factors:
+            keep = (h.idx % self.stride == 0).to(h.a[0].device)  # rows 0, stride, 2 stride, ...
             for i, (a, r) in enumerate(zip(h.a, h.r, strict=True)):
-                a, r = a.double(), r.double()
-                self.a[i] = a.T @ a if self.a[i] is None else self.a[i].addmm_(a.T, a)
-                self.s[i] = r.T @ r if self.s[i] is None else self.s[i].addmm_(r.T, r)
+                # a batch's sum in the model's dtype (float32 matmuls: float64 took most of --knn's own time),
+                # running sums in float64; at most FACTOR_ROWS rows, evenly spread, estimate the factors
+                a, r = (a, r) if self.stride == 1 else (a[keep], r[keep])
+                aa, rr = (a.T @ a).double(), (r.T @ r).double()
+                self.a[i] = aa if self.a[i] is None else self.a[i].add_(aa)
+                self.s[i] = rr if self.s[i] is None else self.s[i].add_(rr)
         return h
 
     def objective(self) -> tuple[float, Tensor]:
@@ -276,8 +285,8 @@ class _Totals:
     def precondition(self, a: list[Tensor], r: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """(A_l + dI)^-1 a'_t and (S_l + dI)^-1 r_t per site for the test rows (float64), d = KFAC_DAMPING x the
         factor's mean eigenvalue."""
-        return ([_solve_damped(f, x, self.problem.n) for f, x in zip(self.a, a, strict=True)],
-                [_solve_damped(f, x, self.problem.n) for f, x in zip(self.s, r, strict=True)])
+        return ([_solve_damped(f, x, self.rows) for f, x in zip(self.a, a, strict=True)],
+                [_solve_damped(f, x, self.rows) for f, x in zip(self.s, r, strict=True)])
 
 
 def _solve_damped(factor: Tensor | None, x: Tensor, n: int) -> Tensor:

@@ -102,23 +102,26 @@ def test_grad_similarity_is_the_gradient_dot_product(task):
                                    rtol=1e-10, atol=1e-12)
 
 
-def test_kfac_metric_is_the_block_kronecker_preconditioned_gradient_product(monkeypatch):
+@pytest.mark.parametrize("factor_rows", [10_000, 5])
+def test_kfac_metric_is_the_block_kronecker_preconditioned_gradient_product(monkeypatch, factor_rows):
     x, y = data(25, 4, "classification", 0)
     tx, ty = data(4, 4, "classification", 1)
     torch.manual_seed(0)
     train, test = split(x, y), split(tx, ty, "test")
     problem = problem_for(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), train)
+    monkeypatch.setattr(knn, "FACTOR_ROWS", factor_rows)
+    used = slice(None, None, 1 if factor_rows >= 25 else 5)  # 5: the factors come from rows 0, 5, ..., 20
     ones = torch.ones(25, 1, dtype=torch.float64)
     explicit = 0
     for layer, inputs, width in (("0", x, 6), ("2", problem.model[:2](x), 3)):
         gz, gt = (_layer_grads(problem.model, problem.objective, a, b, layer) for a, b in ((x, y), (tx, ty)))
         # independent factors: A from the layer's inputs computed by hand, S from the bias gradients (= r)
-        feats = torch.cat([inputs, ones], dim=1)
-        factors = [feats.T @ feats / 25, gz[:, -width:].T @ gz[:, -width:] / 25]
+        feats, r = torch.cat([inputs, ones], dim=1)[used], gz[used, -width:]
+        factors = [feats.T @ feats / len(feats), r.T @ r / len(r)]
         inv = [torch.linalg.inv(f + knn.KFAC_DAMPING * f.diagonal().mean() * torch.eye(len(f), dtype=f.dtype))
                for f in factors]
 
-        def vec(g, width=width, d=feats.shape[1] - 1):  # [weight (C, d), bias (C,)] -> rows of the (C, d + 1) matrix
+        def vec(g, width=width, d=inputs.shape[1]):  # [weight (C, d), bias (C,)] -> rows of the (C, d + 1) matrix
             return torch.cat([g[:, :-width].reshape(len(g), width, d), g[:, -width:, None]], dim=2).reshape(len(g), -1)
 
         explicit = explicit + vec(gt) @ torch.kron(inv[1], inv[0]) @ vec(gz).T
