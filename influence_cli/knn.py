@@ -15,8 +15,9 @@ Linear layer's per-example gradient is r a'^T, so products of two rows' gradient
           way) swamps the products. The damping is large on purpose: swept over 0.001-1 on the MLP and logistic
           regression of benchmarks/knn_speed.py, 0.3 kept the most of the exact top-10 on both (README).
 A test row's r is that of its own label (the test loss it is about), a training row's r that of its label (the
-training loss whose removal is scored). Layers run on one vector per row (2-D input) only; grad and kfac refuse
-others with a hint to use cosine.
+training loss whose removal is scored). grad and kfac read the layers that see one vector per row (2-D input): a
+Linear layer run per position (a sequence) is left out and named in the summary, and an error with a hint to use
+cosine comes only when no layer is left.
 Cost: one forward and one backward pass over all training rows in large batches, with no per-example gradients;
 the same pass gives the objective's value and gradient at the checkpoint (the full ranking gets them from its
 per-example gradients, which --knn computes only for the candidates). kfac needs its factors before any
@@ -48,11 +49,14 @@ Batches = Iterable[tuple[Tensor, Tensor, Tensor]]
 @dataclass(frozen=True)
 class Neighbors:
     """rows (T, K) training rows per selected test row, most similar first (grad, kfac: (T, 2K), the K largest
-    then the K most negative similarities; K is capped at n); the objective J and grad J (p,) float64."""
+    then the K most negative similarities; K is capped at n); the objective J and grad J (p,) float64; which
+    layers were read and left out."""
 
     rows: Tensor
     objective: float
     objective_grad: Tensor
+    layers: tuple[str, ...] = ()  # the Linear layers the metric read
+    layers_skipped: tuple[str, ...] = ()  # grad, kfac: selected Linear layers run per position, left out
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ def knn_neighbors(problem: Problem, train: Split, test_loader: Batches, rows: Se
                   metric: str) -> Neighbors:
     """The candidate training rows of each selected test row (`rows`, in that order), see the module doc."""
     check_knn(k, metric)
-    sites = _sites(problem, metric)
+    sites, skipped = _sites(problem, metric)
     test = {int(i): ([a[j] for a in h.a], [r[j] for r in h.r])
             for h in _passes(problem, sites, test_loader, metric, params=False) for j, i in enumerate(h.idx.tolist())}
     test_a = [torch.stack([test[row][0][s] for row in rows]) for s in range(len(sites))]
@@ -119,13 +123,13 @@ def knn_neighbors(problem: Problem, train: Split, test_loader: Batches, rows: Se
             worst = _merge(worst, sim, idx, width, largest=False)
     value, grad = totals.objective()
     found = torch.cat([best[1], worst[1]], dim=1) if metric in ("grad", "kfac") else best[1]
-    return Neighbors(found, value, grad)
+    return Neighbors(found, value, grad, tuple(site.name or "model" for site in sites), tuple(skipped))
 
 
 def grad_similarity(problem: Problem, left: Batches, right: Batches) -> Tensor:
     """g_i.g_j in the selected Linear layers' parameters for every row i of `left` and j of `right` (loader
     order): the `grad` metric."""
-    sites = _sites(problem, "grad")
+    sites, _ = _sites(problem, "grad")
     (a1, r1), (a2, r2) = _embed(problem, sites, left), _embed(problem, sites, right)
     return sum((x1 @ x2.T) * (s1 @ s2.T) for x1, s1, x2, s2 in zip(a1, r1, a2, r2, strict=True))
 
@@ -169,15 +173,16 @@ def _pass_loader(problem: Problem, train: Split) -> CastLoader:
     return CastLoader(make_loader(train, rows), next(problem.model.parameters()).dtype)
 
 
-def _sites(problem: Problem, metric: str) -> list[_Site]:
-    """cosine, l2: the last Linear layer (its raw input). grad, kfac: every Linear layer owning selected
-    parameters, in module order."""
+def _sites(problem: Problem, metric: str) -> tuple[list[_Site], list[str]]:
+    """(sites, names of the layers left out). cosine, l2: the last Linear layer (its raw input). grad, kfac: every
+    Linear layer owning selected parameters that sees one vector per row, in module order; layers run per
+    position (sequences) are left out."""
     linears = [(name, m) for name, m in problem.model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError("--knn: the model has no Linear layer whose input could serve as features",
                           hint="run rank without --knn")
     if metric in ("cosine", "l2"):
-        return [_Site(*linears[-1], weight=True, bias=False)]
+        return [_Site(*linears[-1], weight=True, bias=False)], []
     chosen = set(problem.params.names)
     prefix = lambda name: f"{name}." if name else ""  # noqa: E731
     sites = [_Site(name, m, f"{prefix(name)}weight" in chosen, m.bias is not None and f"{prefix(name)}bias" in chosen)
@@ -186,7 +191,30 @@ def _sites(problem: Problem, metric: str) -> list[_Site]:
     if not sites:
         raise ConfigError(f"--knn-metric {metric}: none of the selected parameters (params:) belongs to a Linear layer",
                           hint="use --knn-metric cosine, or select Linear layers with params:")
-    return sites
+    per_row, skipped = _one_vector_per_row(problem, sites)
+    if not per_row:
+        raise ConfigError(f"--knn-metric {metric}: the selected Linear layers ({', '.join(skipped[:5])}) run on more"
+                          " than one vector per row (a sequence or a feature map), where a row's gradient does not"
+                          " factor into one input and one output vector",
+                          hint="use --knn-metric cosine, or select a per-row layer (a classification head) with params:")
+    return per_row, skipped
+
+
+def _one_vector_per_row(problem: Problem, sites: list[_Site]) -> tuple[list[_Site], list[str]]:
+    """(sites whose input is one vector per row in a forward pass of one training row, names of the others)."""
+    dims: dict[int, list[int]] = {s: [] for s in range(len(sites))}
+    hooks = [site.module.register_forward_hook(lambda _m, inputs, _out, s=s: dims[s].append(inputs[0].dim()))
+             for s, site in enumerate(sites)]
+    try:
+        _, x, _ = next(iter(problem.train_loader))
+        with torch.no_grad():
+            problem.model(x[:1].to(problem.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    keep = [dims[s] == [2] for s in range(len(sites))]
+    return ([site for site, ok in zip(sites, keep, strict=True) if ok],
+            [site.name or "model" for site, ok in zip(sites, keep, strict=True) if not ok])
 
 
 def _passes(problem: Problem, sites: list[_Site], loader: Batches, metric: str, params: bool,

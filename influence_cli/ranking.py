@@ -151,7 +151,8 @@ def rank(cfg: Config, progress: ProgressFn | None = None, top: int = 10,
     if neighbors is not None:
         summary["knn"] = {"k": knn, "metric": knn_metric, "candidates_per_test_row": int(neighbors.shape[1]),
                           "scored_rows": scored, "scored_fraction": scored / n,
-                          "scoring_speedup_bound": n / max(scored, 1)}
+                          "scoring_speedup_bound": n / max(scored, 1), "layers": list(found.layers),
+                          "layers_skipped": list(found.layers_skipped)}
     summary["cache"] = {"fit_reused": fit_reused, "shards": total_shards, "shards_reused": reused}
     return _finish("rank", inp, solver, timer, summary, tables, cache, solver_parts)
 

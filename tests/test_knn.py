@@ -264,11 +264,16 @@ def test_layers_the_gradient_metrics_cannot_read_are_config_errors_that_say_whic
     x, y = data(12, 4, "classification", 0)
     train = split(x, y)
     problem = problem_for(_Sequence(), train)
-    with pytest.raises(ConfigError, match="embed must see one vector per row") as e:
-        knn_neighbors(problem, train, problem.train_loader, [0], 3, "kfac")
-    assert "cosine" in e.value.hint and "params:" in e.value.hint
+    # the per-position layer is left out (and named); the head alone gives the same candidates as selecting it
+    found = knn_neighbors(problem, train, problem.train_loader, [0, 1], 3, "kfac")
+    assert found.layers == ("head",) and found.layers_skipped == ("embed",)
     head_only = dataclasses.replace(problem, params=ParamSpace.select(problem.model, ("head.",)))
-    assert knn_neighbors(head_only, train, problem.train_loader, [0, 1], 3, "kfac").rows.shape == (2, 6)
+    head = knn_neighbors(head_only, train, problem.train_loader, [0, 1], 3, "kfac")
+    assert head.layers_skipped == () and torch.equal(head.rows, found.rows) and found.rows.shape == (2, 6)
+    embed_only = dataclasses.replace(problem, params=ParamSpace.select(problem.model, ("embed.",)))
+    with pytest.raises(ConfigError, match=r"\(embed\) run on more than one vector per row") as e:
+        knn_neighbors(embed_only, train, problem.train_loader, [0], 3, "kfac")
+    assert "cosine" in e.value.hint and "params:" in e.value.hint
     conv = problem_for(nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(2, 3)),
                        train)
     conv_only = dataclasses.replace(conv, params=ParamSpace.select(conv.model, ("1.",)))
