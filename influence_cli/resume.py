@@ -64,6 +64,9 @@ def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, An
     if not isinstance(solver, Stateful) or not cache.enabled:
         return solver.fit(problem, progress), False
     name = fit_name(solver.name, key)
+    check = getattr(solver, "check_memory", None)
+    if check is not None:
+        check(problem)  # refuse before reading a stored factor that could not be used (direct's is p x p)
     stored = cache.get(name)
     if stored is not None:
         if progress is not None:

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from influence_cli import cli
+from influence_cli.cache import Cache
 from influence_cli.config import ModelConfig
 from influence_cli.models import build_model, save_checkpoint
 
@@ -152,6 +153,19 @@ def test_cached_rerun_reuses_everything_and_changed_inputs_miss(tmp_path: Path, 
     next(iter(state.values())).add_(0.01)
     torch.save(state, tmp_path / "model.pt")
     assert run()["cache"]["fit_reused"] is False
+
+
+def test_a_stored_factor_too_large_for_the_memory_limit_is_refused_before_it_is_read(tmp_path: Path, capsys,
+                                                                                       monkeypatch) -> None:
+    config = _workload(tmp_path, 3000)
+    out = tmp_path / "out"
+    assert _json(capsys, "selfcheck", "-c", str(config), "-o", str(out))["cache"]["fit_reused"] is False
+    read = []
+    monkeypatch.setattr(Cache, "get", lambda self, name: read.append(name))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["selfcheck", "-c", str(config), "-o", str(out), "--set", "solver.memory_limit_gb=0.0001"])
+    assert exc.value.code == 2 and "memory_limit_gb" in capsys.readouterr().err
+    assert read == []  # the cached factor was never loaded
 
 
 def test_corrupt_truncated_and_foreign_entries_are_recomputed(tmp_path: Path, capsys) -> None:

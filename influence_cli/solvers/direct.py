@@ -39,7 +39,8 @@ class DirectSolver:
         return Cost(memory_bytes=8 * p * p + 2**27, fit_flops=4.0 * n * p * p + p**3 / 3,
                     note="exact Hessian, float64")
 
-    def _check_memory(self, problem: Problem) -> None:
+    def check_memory(self, problem: Problem) -> None:
+        """ConfigError when the p x p factor does not fit solver.memory_limit_gb (before fitting or reading one)."""
         p = problem.params.size
         need = self.estimate(self.config, problem.n, p).memory_bytes
         limit = memory_limit(self.config, problem.device)
@@ -50,7 +51,7 @@ class DirectSolver:
             )
 
     def fit(self, problem: Problem, progress: Progress | None = None) -> Self:
-        self._check_memory(problem)
+        self.check_memory(problem)
         p = problem.params.size
         source = GradientSource(problem)
         hess = source.dense_hessian(torch.float64, progress)
@@ -90,7 +91,7 @@ class DirectSolver:
                 "info": self._info}
 
     def load_state(self, state: dict[str, Any], problem: Problem) -> Self:
-        self._check_memory(problem)  # the stored factor is as large as a fitted one
+        self.check_memory(problem)  # the stored factor is as large as a fitted one
         device = problem.device
         self._chol = None if state["chol"] is None else state["chol"].to(device)
         self._eig = (None if state["eig_values"] is None
