@@ -46,8 +46,10 @@ kept Ritz value (a truncated inverse is singular, and CG preconditioned by it ne
 `half_ihvp` (self-influence) stays the plain approximation: a solve per row would cost HVP passes per row.
 
 Cost: passes * b HVPs (each pass ~ 4 forward passes of b vectors over the n rows) + one
-per-example gradient pass over the probe rows; memory (dim + 3b) p float64 numbers during fit
-(dim = Krylov basis size), r p after. ihvp: 4 k p r flops for k vectors; self-influence is
+per-example gradient pass over the probe rows; memory (dim + 9b) p float64 numbers during fit
+(dim = Krylov basis size; it grows in place, and a pass's working blocks measured ~9b rows: 3.4 GB
+peak for a 1.6 GB basis at p = 300k, b = 70, 10 passes, where growing it by concatenation peaked at
+4.6 GB), r p after. ihvp: 4 k p r flops for k vectors; self-influence is
 ||A g||^2 with the symmetric square root A = U^T |theta|^-1/2 U + (I - P) / sqrt(c).
 """
 
@@ -69,6 +71,7 @@ from .base import Cost, Progress, gib, memory_limit, require_fitted
 from .refine import RefineLog, refine
 
 DROP = 1e-10  # new Krylov directions below DROP * max|theta| are rounding noise: not added
+WORK_ROWS = 9  # working (k, p) blocks of one pass, in units of the block size b (measured, see Cost)
 FLOOR = 1e-10  # eigenvalues and c below FLOOR * max|theta| are raised to it (as in direct)
 Hvp = Callable[[Tensor], Tensor]  # (k, p) -> H (k, p), H symmetric
 
@@ -124,6 +127,11 @@ def block_krylov(hvp: Hvp, start: Tensor, rank: int, max_passes: int, tol: float
     b, p = start.shape
     max_dim = p if max_dim is None else min(max_dim, p)
     basis = _orthonormal_rows(start, start[:0], 1e-12 * float(start.norm(dim=1).max()), p)
+    # the basis grows in place in one buffer (torch.cat would copy it each pass: twice its size at the peak);
+    # pages not yet written are not resident, so reserving the most it can need costs nothing up front
+    buf = start.new_empty(max(len(basis), min(max_dim, max_passes * b)), p)
+    buf[: len(basis)] = basis
+    basis = buf[: len(basis)]
     coeff = start @ basis.T  # start = coeff @ basis
     block, t = basis, start.new_zeros(0, 0)
     hvps = passes = restarts = dim = 0
@@ -163,7 +171,14 @@ def block_krylov(hvp: Hvp, start: Tensor, rank: int, max_passes: int, tol: float
             break
         if restart:
             t, restarts = torch.diag(values[keep]), restarts + 1
-        basis, block = torch.cat([kept, new]), new
+            buf[: len(kept)] = kept  # a new tensor (Ritz vectors), so overwriting the old basis is safe
+        m = len(kept)
+        if m + len(new) > len(buf):  # unreachable while max_passes * b bounds the growth; a copy if ever
+            buf = torch.cat([buf[:m], new])
+        else:
+            buf[m : m + len(new)] = new
+        basis = buf[: m + len(new)]
+        block = basis[m:]
     return Krylov(values[top], vecs[:, top].T @ basis, residuals, start_image, hvps, passes, dim, restarts,
                   converged)
 
@@ -206,7 +221,7 @@ class ArnoldiSolver:
         rank, b = cls._sizes(config, p)
         passes = config.arnoldi.max_iter
         dim = min(p, passes * b)
-        return Cost(memory_bytes=8 * p * (dim + 3 * b) + 2**27,
+        return Cost(memory_bytes=8 * p * (dim + WORK_ROWS * b) + 2**27,
                     fit_flops=4.0 * n * p * b * passes + 4.0 * p * dim * dim,
                     note=f"block Arnoldi, {b} HVPs per data pass, at most {passes} passes (fewer at tol); ihvp:"
                          f" {config.arnoldi.refine + 1 if config.arnoldi.refine and rank < p else 0} full-data HVP"
@@ -216,10 +231,10 @@ class ArnoldiSolver:
         cfg, p, device = self.config.arnoldi, problem.params.size, problem.device
         rank, b = self._sizes(self.config, p)
         limit = memory_limit(self.config, device)
-        room = limit // (8 * p) - 3 * b  # Krylov basis rows that fit beside the working blocks
+        room = limit // (8 * p) - WORK_ROWS * b  # Krylov basis rows that fit beside the working blocks
         if room < min(2 * b, p):
             raise ConfigError(
-                f"solver.arnoldi.rank: rank + oversample = {b} needs {gib(8 * p * 5 * b)} of Krylov vectors for"
+                f"solver.arnoldi.rank: rank + oversample = {b} needs {gib(8 * p * (2 + WORK_ROWS) * b)} of Krylov vectors for"
                 f" {p} parameters but {gib(limit)} is available",
                 hint="lower solver.arnoldi.rank or solver.arnoldi.oversample, or raise solver.memory_limit_gb",
             )
