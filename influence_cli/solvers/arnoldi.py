@@ -55,7 +55,6 @@ peak for a 1.6 GB basis at p = 300k, b = 70, 10 passes, where growing it by conc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -333,34 +332,23 @@ class ArnoldiSolver:
         data (what `half_ihvp` squares to, and refine's preconditioner). Exact with rank >= p."""
         return self._apply(v, self._c)
 
-    def _apply(self, v: Tensor, c: float | None) -> Tensor:
+    def _apply(self, v: Tensor, c: float | None, power: float = -1.0) -> Tensor:
+        """U^T diag(|theta|^power) U v + c^power (v - U^T U v) (no complement term when c is None)."""
         vectors = require_fitted(self, "_vectors")
         v64 = v.to(dtype=torch.float64, device=vectors.device)
         a = v64 @ vectors.T
-        out = (a / self._values) @ vectors
+        out = (a * self._values.pow(power)) @ vectors
         if c is not None:
-            out = out + (v64 - a @ vectors) / c
+            out = out + (v64 - a @ vectors) * c**power
         return out
 
     def half_ihvp(self, v: Tensor) -> Tensor:
         """A v with A = U^T diag(|theta|^-1/2) U + (I - U^T U) / sqrt(c) (symmetric, A^T A = the
-        approximation ihvp applies), so g^T H^-1 g ~= ||A g||^2. (k, p) -> (k, p), float64."""
-        vectors = require_fitted(self, "_vectors")
-        v64 = v.to(dtype=torch.float64, device=vectors.device)
-        a = v64 @ vectors.T
-        out = (a * self._values.rsqrt()) @ vectors
-        if self._c is not None:
-            out = out + (v64 - a @ vectors) / math.sqrt(self._c)
-        return out
+        approximation factored_ihvp applies), so g^T H^-1 g ~= ||A g||^2. (k, p) -> (k, p), float64."""
+        return self._apply(v, self._c, -0.5)
 
     def describe(self) -> dict[str, Any]:
-        info = {"name": self.name, **self._info, "refine": self.config.arnoldi.refine, **self._refined.summary()}
-        if self._refined.negative_curvature:
-            info["warnings"] = [*info.get("warnings", []),
-                                f"arnoldi: refine met {self._refined.negative_curvature} directions of non-positive"
-                                " curvature (the Hessian is not positive definite there); those solves keep the"
-                                " low-rank answer: raise solver.damping or use solver.hessian: gauss_newton"]
-        return info
+        return self._refined.describe({"name": self.name, **self._info}, self.config.arnoldi.refine)
 
 
 class _Sample:

@@ -242,13 +242,7 @@ class EkfacSolver:
         return res
 
     def describe(self) -> dict[str, Any]:
-        info = {"name": self.name, **self._info, "refine": self.config.ekfac.refine, **self._refined.summary()}
-        if self._refined.negative_curvature:
-            info["warnings"] = [*info.get("warnings", []), (
-                f"ekfac: refine met {self._refined.negative_curvature} directions of non-positive curvature (the"
-                " Hessian is not positive definite; those solves stopped early); raise solver.damping or use"
-                " solver.hessian: gauss_newton")]
-        return info
+        return self._refined.describe({"name": self.name, **self._info}, self.config.ekfac.refine)
 
 
 

@@ -33,6 +33,17 @@ class RefineLog:
     before: list[float] = field(default_factory=list)
     after: list[float] = field(default_factory=list)
 
+    def describe(self, info: dict[str, Any], steps: int) -> dict[str, Any]:
+        """The solver's describe() `info` with the refine setting, this log's summary, and a warning when CG met
+        non-positive curvature."""
+        info = {**info, "refine": steps, **self.summary()}
+        if self.negative_curvature:
+            info["warnings"] = [*info.get("warnings", []), (
+                f"{self.solver}: refine met {self.negative_curvature} directions of non-positive curvature (the"
+                " Hessian is not positive definite; those solves stopped early); raise solver.damping or use"
+                " solver.hessian: gauss_newton")]
+        return info
+
     def summary(self) -> dict[str, Any]:
         if not self.after:
             return {}
