@@ -131,7 +131,7 @@ def grad_similarity(problem: Problem, left: Batches, right: Batches) -> Tensor:
     order): the `grad` metric."""
     sites, _ = _sites(problem, "grad")
     (a1, r1), (a2, r2) = _embed(problem, sites, left), _embed(problem, sites, right)
-    return sum((x1 @ x2.T) * (s1 @ s2.T) for x1, s1, x2, s2 in zip(a1, r1, a2, r2, strict=True))
+    return _similarity("grad", a1, r1, _Rows(torch.arange(len(a2[0])), a2, r2, torch.empty(0), None))
 
 
 def candidate_loader(split: Split, rows: Sequence[int], batch_size: int, dtype: torch.dtype) -> CastLoader:
@@ -259,11 +259,7 @@ def _passes(problem: Problem, sites: list[_Site], loader: Batches, metric: str, 
             for s, site in enumerate(sites):
                 a, out_s = seen[s][0]
                 r = torch.zeros_like(out_s) if grads[s] is None else grads[s]
-                if metric in ("grad", "kfac"):
-                    if a.dim() != 2 or r.dim() != 2:
-                        raise ConfigError(f"--knn-metric {metric}: Linear layer {site.name or 'model'} must see one"
-                                          f" vector per row", hint=f"its input has shape {tuple(a.shape)}; use"
-                                          " --knn-metric cosine, or params: to leave that layer out")
+                if metric in ("grad", "kfac"):  # _sites kept only layers that see one vector per row
                     a = site.features(a)
                 a_list.append(a.flatten(1))
                 r_list.append(r.detach().flatten(1))
