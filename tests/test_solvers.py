@@ -63,7 +63,7 @@ def check_half_ihvp_squares_to_ihvp(solver, case):
     solver.fit(case.problem)
     v = _v(case, 4)
     quad = solver.half_ihvp(v).square().sum(1)
-    ihvp = getattr(solver, "factored_ihvp", solver.ihvp)  # ekfac: half_ihvp is the factored form, without refine
+    ihvp = getattr(solver, "factored_ihvp", solver.ihvp)  # ekfac, arnoldi: half_ihvp is the factored form, no refine
     torch.testing.assert_close(quad, (v * ihvp(v)).sum(1), **TOL[solver.name])
 
 
