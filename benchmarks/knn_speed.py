@@ -15,6 +15,7 @@ speed-ups of the whole run, of the run without the Hessian fit (identical in bot
 harmful rows with the full ranking's (the recall of the narrowing: candidates are scored exactly).
 One torch thread by default: on a shared 2-core box, 2 threads contend (10x slower runs were measured).
 Run: .venv/bin/python benchmarks/knn_speed.py [--n 50000] [--hidden 512,256] [--k 100] [--tests 20] [--only mlp] [--metrics grad,kfac]
+     [--kfac-damping 0.001,0.01,0.1,0.3,1] [--ekfac-refine 2 --ekfac-output auto]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from influence_cli import knn as knn_module  # noqa: E402
 from influence_cli import ranking  # noqa: E402
 from influence_cli.config import Config, ModelConfig, load_config  # noqa: E402
 from influence_cli.models import build_model, save_checkpoint  # noqa: E402
@@ -104,14 +106,19 @@ def timed(cfg: Config, **kw):
     return result, time.perf_counter() - start
 
 
-def bench(name: str, cfg: Config, k: int, metrics: tuple[str, ...] = METRICS) -> None:
+def bench(name: str, cfg: Config, k: int, metrics: tuple[str, ...] = METRICS,
+          dampings: tuple[float | None, ...] = (None,)) -> None:
     timed(cfg, knn=k)  # warm-up: imports, vmap tracing, allocator
     full, t_full = timed(cfg)
     ph = full.summary["phases_seconds"]
     print(f"\n{name}: n={full.summary['n']}, {full.summary['parameters']} parameters, "
           f"{full.summary['test_examples']} test rows, solver {full.summary['solver']}")
     print(f"  full        total {t_full:7.1f}s  " + " ".join(f"{p}={s:.1f}" for p, s in ph.items()))
-    for metric in metrics:
+    runs = [(m, d) for m in metrics for d in (dampings if m == "kfac" else [None])]
+    for metric, damping in runs:
+        if damping is not None:
+            knn_module.KFAC_DAMPING = damping
+            print(f"  (kfac damping {damping:g} of each factor's mean eigenvalue)")
         knn, t_knn = timed(cfg, knn=k, knn_metric=metric)
         kp, info = knn.summary["phases_seconds"], knn.summary["knn"]
         no_fit = (t_full - ph["fit"]) / (t_knn - kp["fit"])
@@ -132,6 +139,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="Adam epochs for the MLP")
     ap.add_argument("--only", choices=["mlp", "logreg"])
     ap.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of " + ", ".join(METRICS))
+    ap.add_argument("--kfac-damping", help="comma-separated KFAC_DAMPING values to sweep for the kfac metric"
+                    " (default: the package's)")
+    ap.add_argument("--ekfac-refine", type=int, default=0, help="solver.ekfac.refine of the MLP's full ranking")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (on a shared box, 2 threads contend badly)")
     ap.add_argument("--ekfac-output", default="sample", choices=["auto", "sample"],
                     help="EK-FAC output factor: sample (1 draw per row) keeps the fit cheap; auto: exact, 10 backwards")
@@ -148,7 +158,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     hidden = [int(h) for h in args.hidden.split(",")]
     workloads = {
         "mlp": ({"arch": "mlp", "kwargs": {"in_features": 64, "hidden": hidden, "num_classes": 10}},
-                {"name": "ekfac", "ekfac": {"refine": 0, "output_factor": args.ekfac_output}}, args.epochs),
+                {"name": "ekfac", "ekfac": {"refine": args.ekfac_refine, "output_factor": args.ekfac_output}}, args.epochs),
         "logreg": ({"arch": "logreg", "kwargs": {"in_features": 64, "num_classes": 10}}, {"name": "direct"}, 0),
     }
     for name, (spec, solver, epochs) in workloads.items():
@@ -156,7 +166,8 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             start = time.perf_counter()
             train_model(folder, spec, epochs)
             print(f"\n(trained {name} in {time.perf_counter() - start:.0f}s)")
-            bench(name, config(folder, spec, solver), args.k, tuple(args.metrics.split(",")))
+            dampings = tuple(float(d) for d in args.kfac_damping.split(",")) if args.kfac_damping else (None,)
+            bench(name, config(folder, spec, solver), args.k, tuple(args.metrics.split(",")), dampings)
 
 
 if __name__ == "__main__":
