@@ -1,4 +1,4 @@
-"""`infl`: thin Typer commands over `pipeline`. Errors map to exit codes in `_run_command` only.
+"""`infl`: thin Typer commands over `commands/`. Errors map to exit codes in `_run_command` only.
 
 stdout carries tables (or, with --json, one JSON document and nothing else); progress bars,
 warnings and errors go to stderr. Exit codes (SPEC): 0 done, 1 threshold breached, 2 bad usage or
@@ -7,7 +7,9 @@ config, 3 unusable data or model, 4 internal error, 130 interrupted.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import sys
 import threading
@@ -23,10 +25,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import pipeline, ranking, report, trust
+from . import report
+from .commands.check import check as check_command
+from .commands.rank import RankOptions
+from .commands.rank import rank as rank_command
+from .commands.selfcheck import RANK_BY, SelfcheckOptions
+from .commands.selfcheck import selfcheck as selfcheck_command
+from .commands.train import train as train_command
+from .commands.verify import VerifyOptions
+from .commands.verify import verify as verify_command
 from .config import Config, load_config
 from .diff import diff_reports
 from .errors import InflError
+from .run import ProgressFn, Report, Run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
@@ -34,11 +45,51 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: output.dir).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                help="Override a config key: dotted.key=value (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress, no tables: only errors on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout and nothing else.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache (cache.dir) this run.")]
+
+
+class _Stdout:
+    """sys.stdout that goes quiet when the reader closes the pipe (`infl selfcheck | head -1`): the
+    rest of the output is dropped and the command keeps its own exit code (0, or 1 for a breached
+    threshold), as Unix filters do, instead of a traceback or a misleading exit code."""
+
+    closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                sys.stdout.write(text)
+            except OSError as e:
+                self._closed(e)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                sys.stdout.flush()
+            except OSError as e:
+                self._closed(e)
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def _closed(self, e: OSError) -> None:
+        if e.errno not in (errno.EPIPE, errno.EINVAL) and not isinstance(e, BrokenPipeError):
+            raise e
+        self.closed_by_reader = True
+        try:  # what Python would flush at exit goes nowhere (else: "Exception ignored", exit 120)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+_STDOUT = _Stdout()
+_jsonable = getattr(report, "jsonable", None) or report._jsonable  # TEMPORARY shim
 
 
 def _stderr() -> Console:
@@ -99,13 +150,13 @@ class _UI:
 
     def __init__(self, quiet: bool, as_json: bool) -> None:
         self.quiet, self.as_json = quiet, as_json
-        self.out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+        self.out = Console(file=_STDOUT, highlight=False, soft_wrap=True, markup=False, emoji=False)
         self.err = _stderr()
         self._bar: Progress | None = None
         self._tasks: dict[str, Any] = {}
 
     @contextmanager
-    def progress(self) -> Iterator[pipeline.ProgressFn | None]:
+    def progress(self) -> Iterator[ProgressFn | None]:
         if self.quiet or not self.err.is_terminal:
             yield None
             return
@@ -119,14 +170,14 @@ class _UI:
 
             yield update
 
-    def finish(self, result: pipeline.Report, files: list[Path], extra: dict[str, Any] | None = None) -> None:
+    def finish(self, result: Report, files: list[Path], extra: dict[str, Any] | None = None) -> None:
         if not self.quiet:
             for w in result.warnings:
                 self.err.print(f"warning: {w}")
         if self.as_json:
             doc = {**result.summary, **(extra or {}), "files": [str(f) for f in files], "warnings": result.warnings}
-            sys.stdout.write(json.dumps(report._jsonable(doc), indent=2, sort_keys=True) + "\n")
-            sys.stdout.flush()
+            _STDOUT.write(json.dumps(_jsonable(doc), indent=2, sort_keys=True) + "\n")
+            _STDOUT.flush()
 
     @property
     def show(self) -> bool:
@@ -164,81 +215,97 @@ def _out_dir(cfg: Config, out: Path | None) -> Path:
     return out.resolve() if out is not None else cfg.output.dir
 
 
-def _with_cache(cfg: Config, out: Path | None, no_cache: bool) -> Config:
-    """cache.dir defaults to <report folder>/.infl-cache; --no-cache turns the cache off."""
+def _load(config: Path, overrides: list[str] | None, out: Path | None = None, *, no_cache: bool = False,
+          cache: bool = True) -> Config:
+    """The validated config; cache.dir defaults to <report folder>/.infl-cache (off with --no-cache);
+    the config's folder and the current directory go on sys.path, where `module:function` hooks live."""
+    cfg = load_config(config, overrides or [])
+    for folder in (str(Path.cwd()), str(cfg.source.parent) if cfg.source else None):
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
+    if not cache:
+        return cfg
     folder = cfg.cache.dir if cfg.cache.dir is not None else _out_dir(cfg, out) / ".infl-cache"
     return replace(cfg, cache=replace(cfg.cache, dir=folder, enabled=cfg.cache.enabled and not no_cache))
 
 
+def _threshold(ui: _UI, breached: bool, message: str) -> None:
+    if breached:
+        ui.err.print(f"threshold: {message}")
+
+
+TopOpt = Annotated[int, typer.Option(min=1, help="Rows shown in the terminal table (the CSV has all).")]
+TestIdsOpt = Annotated[str | None, typer.Option(help="Only these test ids, comma separated (default: all).")]
+SweepOpt = Annotated[bool, typer.Option(help="Also rank at 0.1x and 10x solver.damping (curvature refitted only)"
+                                             " and report how much the ranking moves.")]
+
+
 @app.command()
 def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
-              as_json: JsonOpt = False, debug: DebugOpt = False,
-              top: Annotated[int, typer.Option(help="Rows shown in the terminal table (the CSV has all).")] = 10,
+              as_json: JsonOpt = False, debug: DebugOpt = False, top: TopOpt = 10,
               fail_above: Annotated[float | None, typer.Option(
-                  help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None,
-              rank_by: Annotated[str, typer.Option(
-                  help="Sort by self_influence (SPEC), loo_loss (estimated leave-one-out loss) or loss.")]
-              = "self_influence",
-              damping_sweep: Annotated[bool, typer.Option(
-                  help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False,
-              no_cache: NoCacheOpt = False) -> None:
-    """Self-influence of every training example; flags likely label errors (selfcheck.csv)."""
+                  min=0.0, max=1.0, help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None,
+              rank_by: Annotated[str, typer.Option(help=f"Sort order: {' | '.join(RANK_BY)}.")] = "self_influence",
+              damping_sweep: SweepOpt = False, no_cache: NoCacheOpt = False) -> None:
+    """Self-influence of every training example; flags likely label errors (selfcheck.csv).
+
+    Example: infl selfcheck -c configs/digits.yaml --top 20 --fail-above 0.15
+    """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = _with_cache(load_config(config, set_ or []), out, no_cache)
+        options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep)
+        cfg = _load(config, set_, out, no_cache=no_cache)
         with ui.progress() as progress:
-            result = pipeline.selfcheck(cfg, progress, rank_by=rank_by)
-            if damping_sweep:
-                trust.attach_sweep(result, trust.damping_sweep(cfg, "selfcheck", result, progress))
+            result = selfcheck_command(Run.open(cfg, "selfcheck", progress), options)
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
-        breached = fail_above is not None and result.summary["flagged_fraction"] > fail_above
+        s = result.summary
+        breached = fail_above is not None and s["flagged_fraction"] > fail_above
         ui.finish(result, files, {"threshold_breached": breached})
         if ui.show:
-            s = result.summary
             ui.table("most self-influential training examples", result.tables["selfcheck.csv"],
                      ["rank", "id", "label", "predicted", "prob_label", "self_influence", "flagged"], top)
             ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); wrote {files[0]}")
+            _sweep_lines(ui, s)
             _cache_line(ui, s)
-        if breached:
-            ui.err.print(f"threshold: flagged fraction {result.summary['flagged_fraction']:.4f} > --fail-above "
-                         f"{fail_above}")
+        _threshold(ui, breached, f"flagged fraction {s['flagged_fraction']:.4f} > --fail-above {fail_above}")
     raise typer.Exit(1 if breached else 0)
 
 
 @app.command()
 def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
          as_json: JsonOpt = False, debug: DebugOpt = False,
-         top: Annotated[int, typer.Option(help="Rows per test example in helpful/harmful.csv.")] = 10,
-         test_ids: Annotated[str | None, typer.Option(help="Only these test ids, comma separated.")] = None,
+         top: Annotated[int, typer.Option(min=1, help="Rows per test example in helpful/harmful.csv.")] = 10,
+         test_ids: TestIdsOpt = None,
          group_by: Annotated[str | None, typer.Option(
              help="Training column naming each row's group (default data.train.group); writes groups.csv.")] = None,
-         damping_sweep: Annotated[bool, typer.Option(
-             help="Also rank at 0.1x and 10x solver.damping and report the agreement.")] = False,
+         damping_sweep: SweepOpt = False,
          knn: Annotated[int | None, typer.Option(
-             help="FastIF: score only each test row's K nearest training rows (by --knn-metric).")] = None,
-         knn_metric: Annotated[str, typer.Option(help="kfac (default: K most helpful + K most harmful by a K-FAC"
-                                                      " influence estimate), grad, or FastIF's cosine / l2 in the"
-                                                      " last Linear layer's input features (README).")] = "kfac",
+             min=1, help="FastIF: score only each test row's K nearest training rows (by --knn-metric).")] = None,
+         knn_metric: Annotated[str, typer.Option(help="kfac | grad | cosine | l2: kfac (default) keeps the K most"
+                                                      " helpful + K most harmful by a K-FAC influence estimate; grad"
+                                                      " by gradient dot products; cosine / l2 are FastIF's, in the"
+                                                      " last Linear layer's input features.")] = "kfac",
          no_cache: NoCacheOpt = False) -> None:
-    """Influence of every training example on test examples (helpful/harmful/overall.csv)."""
+    """Influence of every training example on test examples (helpful/harmful/overall.csv).
+
+    Example: infl rank -c configs/digits.yaml --test-ids d0022,d0105 --top 5
+    """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = _with_cache(load_config(config, set_ or []), out, no_cache)
-        ids = _split_ids(test_ids)
+        options = RankOptions(top=top, test_ids=_split_ids(test_ids), group_by=group_by, knn=knn,
+                              knn_metric=knn_metric, damping_sweep=damping_sweep)
+        cfg = _load(config, set_, out, no_cache=no_cache)
         with ui.progress() as progress:
-            result = ranking.rank(cfg, progress, top=top, test_ids=ids, group_by=group_by, knn=knn,
-                                   knn_metric=knn_metric)
-            if damping_sweep:
-                trust.attach_sweep(result, trust.damping_sweep(cfg, "rank", result, progress, test_ids=ids))
+            result = rank_command(Run.open(cfg, "rank", progress, need_test=True), options)
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         ui.finish(result, files)
         if ui.show:
             overall = result.tables["overall.csv"]
             cols = ["rank", "id", "label", "loss_change_if_removed"]
             ui.table("most harmful to the mean test loss", overall, cols, top)
-            helpful = overall.iloc[::-1].reset_index(drop=True)
-            ui.table("most helpful to the mean test loss", helpful, cols, top)
+            ui.table("most helpful to the mean test loss", overall.iloc[::-1].reset_index(drop=True), cols, top)
             ui.out.print(f"{result.summary['test_examples']} test examples; wrote {', '.join(str(f) for f in files)}")
+            _sweep_lines(ui, result.summary)
             _cache_line(ui, result.summary)
     raise typer.Exit(0)
 
@@ -246,37 +313,59 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
 @app.command()
 def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
            as_json: JsonOpt = False, debug: DebugOpt = False,
-           samples: Annotated[int, typer.Option(help="Training rows to retrain without (half largest, half random).")]
-           = 20,
+           samples: Annotated[int, typer.Option(
+               min=2, help="Training rows to retrain without (half largest, half random).")] = 20,
            min_pearson: Annotated[float | None, typer.Option(
-               help="Exit 1 when Pearson(predicted, actual) is below this.")] = None,
-           test_ids: Annotated[str | None, typer.Option(help="Only these test ids, comma separated.")] = None,
+               min=-1.0, max=1.0, help="Exit 1 when Pearson(predicted, actual) is below this.")] = None,
+           test_ids: TestIdsOpt = None,
            groups: Annotated[bool, typer.Option(help="Also retrain without each group (data.train.group).")] = False,
            group_by: Annotated[str | None, typer.Option(help="Group column for --groups.")] = None,
-           workers: Annotated[int, typer.Option(help="Retrain in this many processes (CPU, Linux).")] = 1) -> None:
-    """Leave-one-out retraining on a sample: how well predicted loss changes match actual ones (verify.csv)."""
+           workers: Annotated[int, typer.Option(min=1, help="Retrain in this many processes (CPU, Linux).")] = 1
+           ) -> None:
+    """Leave-one-out retraining on a sample: how well predicted loss changes match actual ones (verify.csv).
+
+    Example: infl verify -c configs/digits.yaml --samples 20 --min-pearson 0.9
+    """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = load_config(config, set_ or [])
+        options = VerifyOptions(samples=samples, test_ids=_split_ids(test_ids), groups=groups, group_by=group_by,
+                                workers=workers)
+        cfg = _load(config, set_, cache=False)
         with ui.progress() as progress:
-            result = trust.verify(cfg, progress, samples=samples, test_ids=_split_ids(test_ids), groups=groups,
-                                  group_by=group_by, workers=workers)
+            result = verify_command(Run.open(cfg, "verify", progress, need_test=True), options)
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         s = result.summary
         breached = min_pearson is not None and not (s["pearson"] >= min_pearson)
         ui.finish(result, files, {"threshold_breached": breached})
         if ui.show:
-            lo, hi = s.get("pearson_ci95", [float("nan")] * 2)
-            ui.out.print(f"retrained without {s['samples']} rows: Pearson {s['pearson']:.3f} (95% CI {lo:.3f}..{hi:.3f}),"
-                         f" Spearman {s['spearman']:.3f}, predicted/actual magnitude {s['magnitude_ratio']:.2f}")
-            damp = ", ".join(f"{v['damping']:g}: {v['pearson']:.3f}" for v in s["pearson_by_damping"].values())
-            ui.out.print(f"Pearson by damping: {damp}")
-            for order, fit in s.get("groups", {}).items():
-                ui.out.print(f"groups, {order}: Pearson {fit['pearson']:.3f}, mean abs error {fit['mean_abs_error']:.3g}")
-            ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
-        if breached:
-            ui.err.print(f"threshold: Pearson {s['pearson']:.4f} < --min-pearson {min_pearson}")
+            _verify_lines(ui, s, files)
+        _threshold(ui, breached, f"Pearson {s['pearson']:.4f} < --min-pearson {min_pearson}")
     raise typer.Exit(1 if breached else 0)
+
+
+def _verify_lines(ui: _UI, s: dict[str, Any], files: list[Path]) -> None:
+    lo, hi = s.get("pearson_ci95", [float("nan")] * 2)
+    interval = f"95% CI {lo:.3f}..{hi:.3f}" if all(map(_finite, (lo, hi))) else "no 95% CI: too few rows"
+    ui.out.print(f"retrained without {s['samples']} rows: Pearson {s['pearson']:.3f} ({interval}),"
+                 f" Spearman {s['spearman']:.3f}, predicted/actual magnitude {s['magnitude_ratio']:.2f}")
+    damp = ", ".join(f"{v['damping']:g}: {v['pearson']:.3f}" for v in s["pearson_by_damping"].values())
+    ui.out.print(f"Pearson by damping: {damp}")
+    for order, fit in s.get("groups", {}).items():
+        ui.out.print(f"groups, {order}: Pearson {fit['pearson']:.3f}, mean abs error {fit['mean_abs_error']:.3g}")
+    ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+
+
+def _sweep_lines(ui: _UI, s: dict[str, Any]) -> None:
+    sweep = s.get("damping_sweep")
+    if not sweep:
+        return
+    parts = [f"{v['damping']:g}: Spearman {v['spearman']:.3f}, top-10% overlap {v['top10pct_overlap']:.2f}"
+             for k, v in sweep.items() if k.startswith("x")]
+    ui.out.print(f"damping sweep of {sweep['column']} (at {sweep['damping']:g}) vs " + "; ".join(parts))
 
 
 @app.command()
@@ -285,35 +374,40 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
          out: Annotated[Path | None, typer.Option("--out", "-o", help="Where diff.csv goes (default NEW_DIR).")]
          = None, quiet: QuietOpt = False, as_json: JsonOpt = False, debug: DebugOpt = False,
          fail_on_new: Annotated[int | None, typer.Option(
-             help="Exit 1 when more than this many rows are newly flagged.")] = None) -> None:
-    """Compare two selfcheck reports: new, persistent and resolved suspects (diff.csv)."""
+             min=0, help="Exit 1 when more than this many rows are newly flagged.")] = None) -> None:
+    """Compare two selfcheck reports: new, persistent and resolved suspects (diff.csv).
+
+    Example: infl diff reports/yesterday reports/today --fail-on-new 10
+    """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
         frame, counts = diff_reports(old_dir, new_dir)
         target = (out or (new_dir if new_dir.is_dir() else new_dir.parent)).resolve()
         files = report.write_atomic(target, {"diff.csv": frame}, None)  # never touch NEW_DIR's manifest
         breached = fail_on_new is not None and counts["new"] > fail_on_new
-        result = pipeline.Report({"diff.csv": frame}, {"command": "diff", **counts}, {})
-        ui.finish(result, files, {"threshold_breached": breached})
+        ui.finish(Report({"diff.csv": frame}, {"command": "diff", **counts}, {}), files,
+                  {"threshold_breached": breached})
         if ui.show:
             ui.table("changes in flagged rows", frame, ["id", "status", "old_rank", "new_rank"], 20)
             ui.out.print(f"new {counts['new']}, persistent {counts['persistent']}, resolved {counts['resolved']};"
                          f" wrote {files[0]}")
-        if breached:
-            ui.err.print(f"threshold: {counts['new']} newly flagged rows > --fail-on-new {fail_on_new}")
+        _threshold(ui, breached, f"{counts['new']} newly flagged rows > --fail-on-new {fail_on_new}")
     raise typer.Exit(1 if breached else 0)
 
 
 @app.command()
 def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
           as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Train the configured model on the training set and write model.checkpoint (--out is accepted
-    as on every command; the checkpoint goes to model.checkpoint)."""
+    """Train the configured model on the training set and write model.checkpoint.
+
+    --out is accepted as on every command; the checkpoint goes to model.checkpoint.
+    Example: infl train -c configs/digits.yaml
+    """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = load_config(config, set_ or [])
+        cfg = _load(config, set_, cache=False)
         with ui.progress() as progress:
-            result = pipeline.train(cfg, progress)
+            result = train_command(Run.open(cfg, "train", progress, fresh_model=True))
         ui.finish(result, [Path(result.summary["checkpoint"])])
         if ui.show:
             s = result.summary
@@ -326,30 +420,36 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
 @app.command()
 def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
           as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Validate the config, load data and model, estimate time and memory; computes nothing heavy
-    and writes nothing (--out is accepted as on every command, and locates the cache)."""
+    """Validate the config, load data and model, estimate time and memory; computes nothing heavy.
+
+    Writes nothing (--out is accepted as on every command, and locates the cache).
+    Example: infl check -c configs/digits.yaml
+    """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        cfg = _with_cache(load_config(config, set_ or []), out, False)
-        result = pipeline.check(cfg)
+        cfg = _load(config, set_, out)
+        result = check_command(Run.open(cfg, "check", need_test=cfg.data.test is not None))
         ui.finish(result, [])
         if ui.show:
-            s = result.summary
-            ui.out.print(yaml.safe_dump({"config": s["config"]}, sort_keys=False).rstrip())
-            ui.out.print(f"train rows: {s['n']}   test rows: {s['n_test']}   device: {s['device']}")
-            ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
-            ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
-                         f" ~{s['gradient_seconds']} s")
-            if s["cache"]["dir"]:
-                state = "cached: a rerun skips the fit" if s["cache"]["fit_cached"] else "not cached yet"
-                ui.out.print(f"fitted curvature for these inputs: {state} ({s['cache']['dir']})")
-            table = Table(title="solver estimates", title_justify="left")
-            for c in ("solver", "memory", "fit time", "note"):
-                table.add_column(c)
-            for name, e in s["solver_estimates"].items():
-                table.add_row(name, report_gib(e["memory_bytes"]), f"~{e['fit_seconds']} s", e["note"])
-            ui.out.print(table)
+            _check_lines(ui, result.summary)
     raise typer.Exit(0)
+
+
+def _check_lines(ui: _UI, s: dict[str, Any]) -> None:
+    ui.out.print(yaml.safe_dump({"config": s["config"]}, sort_keys=False).rstrip())
+    ui.out.print(f"train rows: {s['n']}   test rows: {s['n_test']}   device: {s['device']}")
+    ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
+    ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
+                 f" ~{s['gradient_seconds']} s")
+    if s["cache"]["dir"]:
+        state = "cached: a rerun skips the fit" if s["cache"]["fit_cached"] else "not cached yet"
+        ui.out.print(f"fitted curvature for these inputs: {state} ({s['cache']['dir']})")
+    table = Table(title="solver estimates", title_justify="left")
+    for c in ("solver", "memory", "fit time", "note"):
+        table.add_column(c)
+    for name, e in s["solver_estimates"].items():
+        table.add_row(name, report_gib(e["memory_bytes"]), f"~{e['fit_seconds']} s", e["note"])
+    ui.out.print(table)
 
 
 def report_gib(nbytes: int) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from influence_cli import cli, pipeline
+from influence_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SELFCHECK_HEADER = "rank,id,label,predicted,prob_label,loss,self_influence,flagged,suggested_label"
@@ -212,14 +212,14 @@ def test_internal_error_is_exit_4_and_interrupt_130(capsys, cfg, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(pipeline, "selfcheck", boom)
+    monkeypatch.setattr(cli, "selfcheck_command", boom)
     code, _, err = run(capsys, "selfcheck", "-c", cfg)
     assert code == 4 and "internal error" in err and "--debug" in err and "Traceback" not in err
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "selfcheck", interrupt)
+    monkeypatch.setattr(cli, "selfcheck_command", interrupt)
     assert run(capsys, "selfcheck", "-c", cfg)[0] == 130
 
     def signal_swallowed_by_cpp(*a, **k):
@@ -228,11 +228,11 @@ def test_internal_error_is_exit_4_and_interrupt_130(capsys, cfg, monkeypatch):
         except KeyboardInterrupt as e:
             raise RuntimeError("unexpected pos 25728 vs 25680") from e  # ...which torch's C++ rewraps
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(pipeline, "selfcheck", signal_swallowed_by_cpp)
+    monkeypatch.setattr(cli, "selfcheck_command", signal_swallowed_by_cpp)
     code, _, err = run(capsys, "selfcheck", "-c", cfg)
     assert code == 130 and err.startswith("error: interrupted"), err
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
-    monkeypatch.setattr(pipeline, "selfcheck", boom)
+    monkeypatch.setattr(cli, "selfcheck_command", boom)
     assert run(capsys, "selfcheck", "-c", cfg)[0] == 4  # the next command starts with no interruption noted
 
 
@@ -291,9 +291,26 @@ def test_verify_agrees_with_retraining_and_min_pearson(capsys, cfg, tmp_path):
     table = pd.read_csv(tmp_path / "verify.csv")
     assert list(table.columns[:3]) == ["train_id", "predicted_loss_change", "actual_loss_change"]
     assert len(table) == 6
-    code, _, err = run(capsys, "verify", "-c", cfg, "-o", str(tmp_path), "--samples", "4", "--min-pearson", "1.01",
-                       "--quiet")
-    assert code == 1
+    code, _, err = run(capsys, "verify", "-c", cfg, "-o", str(tmp_path), "--samples", "4", "--min-pearson",
+                       str(doc["pearson"] + 1e-9), "--quiet")
+    assert code == 1, err
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["selfcheck", "--fail-above", "2"], "--fail-above"), (["selfcheck", "--fail-above", "-0.1"], "--fail-above"),
+    (["selfcheck", "--top", "0"], "--top"), (["selfcheck", "--top", "-1"], "--top"),
+    (["rank", "--top", "0"], "--top"), (["rank", "--knn", "0"], "--knn"),
+    (["verify", "--min-pearson", "1.01"], "--min-pearson"), (["verify", "--samples", "1"], "--samples"),
+    (["verify", "--workers", "0"], "--workers")])
+def test_thresholds_that_never_or_always_fire_are_usage_errors(capsys, cfg, tmp_path, argv, option):
+    code, out, err = run(capsys, argv[0], "-c", cfg, "-o", str(tmp_path / "r"), *argv[1:])
+    assert code == 2 and err.startswith("error: ") and option in err and out == ""
+    assert not (tmp_path / "r").exists()
+
+
+def test_fail_on_new_below_zero_is_a_usage_error(capsys, tmp_path):
+    code, _, err = run(capsys, "diff", str(tmp_path), str(tmp_path), "--fail-on-new", "-1")
+    assert code == 2 and "--fail-on-new" in err
 
 
 def test_damping_sweep_reports_agreement(capsys, cfg, tmp_path):
@@ -389,3 +406,19 @@ def test_every_spec_command_takes_the_common_options(command, capsys):
     assert exc.value.code == 0
     for option in ("--config", "-c", "--out", "-o", "--set", "--quiet", "--json"):
         assert option in out, (command, option)
+
+
+def test_stdout_closed_by_the_reader_is_a_quiet_exit_0(cfg, tmp_path):
+    """`infl selfcheck | head -1`: the reader goes away; no message, no traceback, the command's own code."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from influence_cli.cli import main; main()", "selfcheck", "-c", cfg, "-o",
+           str(tmp_path), "--top", "1437"]  # a table larger than the pipe's buffer
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head -1 does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "error" not in err and "Exception ignored" not in err
+    assert (tmp_path / "selfcheck.csv").is_file()

@@ -109,14 +109,15 @@ def test_selfcheck_gradient_norm_equals_the_objective_gradient(tmp_path):
     """selfcheck derives grad J from its per-example pass; it must equal the direct computation."""
     from pathlib import Path
 
-    from influence_cli import pipeline
+    from influence_cli.commands.selfcheck import selfcheck
     from influence_cli.config import load_config
+    from influence_cli.run import Run
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "digits.yaml", [f"output.dir={tmp_path}"])
-    result = pipeline.selfcheck(cfg)
-    inp = pipeline.load_inputs(cfg)
-    value, grad = GradientSource(inp.problem).objective_gradient()
+    run = Run.open(cfg, "selfcheck")
+    result = selfcheck(run)
+    value, grad = GradientSource(run.problem).objective_gradient()
     assert result.summary["objective_at_checkpoint"] == pytest.approx(value, rel=1e-6)
     assert result.summary["grad_norm_at_checkpoint"] == pytest.approx(float(grad.norm()), rel=1e-3, abs=1e-7)
 
@@ -125,12 +126,14 @@ def test_rank_gradient_norm_equals_the_objective_gradient(tmp_path):
     """rank also derives grad J from its first pass over the training rows."""
     from pathlib import Path
 
-    from influence_cli import pipeline, ranking
+    from influence_cli.commands.rank import RankOptions, rank
     from influence_cli.config import load_config
+    from influence_cli.run import Run
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "digits.yaml", [f"output.dir={tmp_path}"])
-    result = ranking.rank(cfg, test_ids=["d0022"])
-    value, grad = GradientSource(pipeline.load_inputs(cfg).problem).objective_gradient()
+    run = Run.open(cfg, "rank", need_test=True)
+    result = rank(run, RankOptions(test_ids=["d0022"]))
+    value, grad = GradientSource(run.problem).objective_gradient()
     assert result.summary["objective_at_checkpoint"] == pytest.approx(value, rel=1e-6)
     assert result.summary["grad_norm_at_checkpoint"] == pytest.approx(float(grad.norm()), rel=1e-3, abs=1e-7)

@@ -15,7 +15,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 
-from influence_cli import cli, knn, pipeline, ranking
+from influence_cli import cli, knn
+from influence_cli.commands.rank import RankOptions
+from influence_cli.commands.rank import rank as rank_command
+from influence_cli.run import Run
 from influence_cli.config import Config, ModelConfig, load_config
 from influence_cli.data import CastLoader, Split, TensorRows, make_loader
 from influence_cli.errors import ConfigError
@@ -197,14 +200,18 @@ def cfg(tmp_path_factory) -> Config:
     return load_config(root / "config.yaml")
 
 
+def rank_run(cfg, **options):
+    return rank_command(Run.open(cfg, "rank", need_test=True), RankOptions(**options))
+
+
 @pytest.fixture(scope="module")
 def full(cfg):
-    return ranking.rank(cfg, top=5)
+    return rank_run(cfg, top=5)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2", "grad", "kfac"])
 def test_knn_with_k_at_least_n_equals_the_full_ranking(cfg, full, metric):
-    narrowed = ranking.rank(cfg, top=5, knn=40 if metric in ("cosine", "l2") else 100, knn_metric=metric)
+    narrowed = rank_run(cfg, top=5, knn=40 if metric in ("cosine", "l2") else 100, knn_metric=metric)
     for name in ("helpful.csv", "harmful.csv", "overall.csv"):
         pd.testing.assert_frame_equal(narrowed.tables[name], full.tables[name], check_exact=False, rtol=1e-12)
     info = narrowed.summary["knn"]
@@ -216,9 +223,9 @@ def test_knn_with_k_at_least_n_equals_the_full_ranking(cfg, full, metric):
 
 
 def test_knn_ranks_each_test_rows_own_candidates(cfg):
-    every_pair = ranking.rank(cfg, top=40)  # top = n: every (test, train) pair's value
-    narrowed = ranking.rank(cfg, top=5, knn=3, knn_metric="grad", test_ids=["5", "2"])
-    inp = pipeline.load_inputs(cfg, need_test=True)
+    every_pair = rank_run(cfg, top=40)  # top = n: every (test, train) pair's value
+    narrowed = rank_run(cfg, top=5, knn=3, knn_metric="grad", test_ids=["5", "2"])
+    inp = Run.open(cfg, "rank", need_test=True)
     test_loader = CastLoader(make_loader(inp.test, 16), torch.float64)
     own = knn_neighbors(inp.problem, inp.train, test_loader, [5, 2], 3, "grad").rows
     assert narrowed.summary["knn"]["scored_rows"] == len(torch.unique(own)) <= 12
@@ -239,14 +246,15 @@ def test_bad_knn_options_are_config_errors(cfg, k, metric):
     with pytest.raises(ConfigError, match="--knn"):
         check_knn(k, metric)
     with pytest.raises(ConfigError, match="--knn"):
-        ranking.rank(cfg, knn=k, knn_metric=metric)
+        RankOptions(knn=k, knn_metric=metric)
 
 
 def test_bad_knn_on_the_command_line_exits_2(capsys, cfg, tmp_path):
     with pytest.raises(SystemExit) as exc:
         cli.main(["rank", "-c", str(cfg.source), "-o", str(tmp_path), "--knn", "0", "--quiet"])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.startswith("error: --knn")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--knn" in err
 
 
 class _Sequence(nn.Module):

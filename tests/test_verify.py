@@ -15,10 +15,10 @@ from influence_cli.gradients import GradientSource
 from influence_cli.objective import ParamSpace
 from influence_cli.scores import loss_change_if_removed
 from influence_cli.solvers import make_solver
+from influence_cli.stats import correlations
 from influence_cli.train import minimize
-from influence_cli.verify import (
+from influence_cli.retrain import (
     choose_rows,
-    correlations,
     estimate_seconds,
     mean_test_loss,
     retrain_effects,
@@ -235,11 +235,11 @@ def test_error_estimate_of_an_early_stopped_retrain():
 
 
 def test_vectorized_bootstrap_ranks_match_the_scalar_ranks():
-    from influence_cli.verify import _dense, _ranks, _ranks_rows
+    from influence_cli.stats import dense_codes, ranks, ranks_rows
 
     rng = np.random.default_rng(0)
     values = rng.integers(0, 5, size=12).astype(float) * 0.3
     idx = rng.integers(0, 12, size=(50, 12))
-    fast = _ranks_rows(_dense(values)[idx])
+    fast = ranks_rows(dense_codes(values)[idx])
     for row, sample in zip(fast, values[idx], strict=True):
-        np.testing.assert_allclose(row, _ranks(sample))
+        np.testing.assert_allclose(row, ranks(sample))

@@ -1,0 +1,16 @@
+# TEMPORARY (integration shim, removed before commit)
+from typing import Protocol, runtime_checkable
+
+try:
+    from .solvers import RowScorer
+except ImportError:
+    @runtime_checkable
+    class RowScorer(Protocol):
+        def self_influence_blocks(self, loader, progress=None, total=None, ids=None): ...
+
+try:
+    from .solvers import Redampable
+except ImportError:
+    @runtime_checkable
+    class Redampable(Protocol):
+        def redamped(self, damping, problem): ...

@@ -1,0 +1,262 @@
+"""`infl rank`: the influence of every training row on selected test rows and on their mean loss.
+
+Test gradients are solved once (H^-1 g_t, in blocks that fit the memory budget) and the many
+training gradients are streamed against them in resumable shards, keeping a running top-K per test
+row. Optional: groups.csv (first- and second-order group effects) and FastIF's kNN narrowing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .. import report
+from ..cache import content_key
+from ..data import Split
+from ..errors import ConfigError
+from ..gradients import BLOCK_BYTES, GradientSource
+from ..groups import group_effects, mean_loss_hvp
+from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
+from ..run import PhaseFn, Report, Run
+from ..scores import loss_change_if_removed
+from .sweep import damping_sweep
+
+TopK = tuple[Tensor, Tensor]  # (values (T, k) float64, training rows (T, k) int64)
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    top: int = 10
+    test_ids: Sequence[str] | None = None
+    group_by: str | None = None
+    knn: int | None = None
+    knn_metric: str = "kfac"
+    damping_sweep: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top, bool) or self.top < 1:
+            raise ConfigError(f"--top: must be >= 1, got {self.top}")
+        if self.knn is not None:
+            check_knn(self.knn, self.knn_metric)
+
+
+def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
+    """The rank report of an opened run (with its test split): see the module docstring."""
+    tables, summary = score(run, options)
+    if options.damping_sweep:
+        summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "overall.csv",
+                                                 "loss_change_if_removed", descending=False)
+    return run.finish(summary, tables, exact_check=True)
+
+
+@dataclass
+class _Test:
+    """The selected test rows, their loader, the mean test gradient and (when small) every gradient."""
+
+    rows: list[int]
+    loader: Any
+    mean_grad: Tensor
+    loss: float
+    kept: dict[int, Tensor] | None
+
+
+def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """(tables, summary) at the run's damping."""
+    train, n = run.train, run.train.n
+    groups = run.group_rows(options.group_by)
+    solver = run.fit()
+    test = _test_gradients(run, run.test_rows(options.test_ids))
+    k = min(options.top, n)
+    found = None
+    if options.knn is not None:
+        with run.timer("knn"):
+            found = knn_neighbors(run.problem, train, test.loader, test.rows, options.knn, options.knn_metric)
+    with run.timer("score"):
+        scored = _score_knn(run, test, k, found) if found is not None else _score_all(run, test, k)
+    helpful, harmful, overall, mean_ihvp = scored["helpful"], scored["harmful"], scored["overall"], scored["mean_ihvp"]
+    with run.timer("checkpoint_gradient"):
+        if found is None:  # J and grad J from the first pass over every row
+            value, grad_j = run.objective_at_checkpoint(scored["loss_sum"], scored["grad_sum"])
+        else:  # --knn streamed only the candidates: from its pass over every row
+            value, grad_j = found.objective, found.objective_grad
+    test_split: Split = run.test  # type: ignore[assignment]
+    test_names = test_split.label_names(test_split.labels[test.rows])
+    train_names = train.label_names(train.labels)
+    tables = {"helpful.csv": _pair_table(test_split, test.rows, test_names, train, train_names, helpful, True),
+              "harmful.csv": _pair_table(test_split, test.rows, test_names, train, train_names, harmful, False)}
+    order = report.order_asc(overall)
+    order = order[~np.isnan(overall[order])]  # --knn: only rows some test row has among its neighbors
+    tables["overall.csv"] = report.with_extra(pd.DataFrame(
+        {"rank": np.arange(1, len(order) + 1), "id": np.asarray(train.ids, dtype=object)[order],
+         "label": np.asarray(train_names, dtype=object)[order], "loss_change_if_removed": overall[order]},
+        columns=report.OVERALL_COLUMNS), train.extra, order)
+    if groups is not None:
+        with run.timer("groups"):
+            source = GradientSource(run.problem)
+            tables["groups.csv"] = group_effects(
+                run.problem, solver, mean_ihvp(), groups, lambda: source.per_example(run.problem.train_loader, train.ids),
+                test_hvp=mean_loss_hvp(run.problem, test.loader, len(test.rows)), progress=run.phase("groups"))
+    summary: dict[str, Any] = {
+        "command": "rank", "n": n, "test_examples": len(test.rows), "parameters": run.problem.params.size,
+        "solver": solver.name, "top": k, "mean_test_loss": test.loss / len(test.rows),
+        "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
+        "most_harmful": [train.ids[i] for i in order[: min(5, n)]],
+        "most_helpful": [train.ids[i] for i in order[::-1][: min(5, n)]],
+    }
+    if found is not None:
+        summary["knn"] = _knn_summary(options, found, scored["scored_rows"], n)
+    summary["cache"] = {"fit_reused": run.fit_reused, "shards": scored["shards"], "shards_reused": scored["reused"]}
+    return tables, summary
+
+
+def _test_gradients(run: Run, rows: list[int]) -> _Test:
+    """One pass over the selected test rows: their mean gradient and loss, and every gradient when
+    the (T, p) block fits the memory budget."""
+    p = run.problem.params.size
+    loader = run.stream(run.test, rows)  # type: ignore[arg-type]
+    keep_all = len(rows) * p * 8 <= BLOCK_BYTES
+    kept: dict[int, Tensor] = {}
+    total = torch.zeros(p, dtype=torch.float64, device=run.device)
+    loss = 0.0
+    with run.timer("test_gradients"):
+        for block in GradientSource(run.problem).per_example(loader, run.test.ids):  # type: ignore[union-attr]
+            total += block.grads.double().sum(0)
+            loss += float(block.losses.double().sum())
+            if keep_all:
+                kept.update(zip(block.idx.tolist(), block.grads.double(), strict=True))
+    return _Test(rows, loader, total / len(rows), loss, kept if keep_all else None)
+
+
+def _block_ihvp(run: Run, test: _Test, block_rows: list[int], with_mean: bool) -> Tensor:
+    """H^-1 of the test gradients of `block_rows` (kept, else recomputed), with the mean test
+    gradient appended as the last row when `with_mean`."""
+    if test.kept is not None:
+        grads = torch.stack([test.kept[r] for r in block_rows])
+    else:
+        sub = run.stream(run.test, block_rows)  # type: ignore[arg-type]
+        got = {r: g for b in GradientSource(run.problem).per_example(sub, run.test.ids)  # type: ignore[union-attr]
+               for r, g in zip(b.idx.tolist(), b.grads, strict=True)}
+        grads = torch.stack([got[r] for r in block_rows]).double()
+    return run.fitted().ihvp(torch.cat([grads, test.mean_grad[None]]) if with_mean else grads)
+
+
+def _empty_top(count: int, k: int) -> tuple[TopK, TopK]:
+    return ((torch.full((count, k), -math.inf, dtype=torch.float64), torch.zeros((count, k), dtype=torch.long)),
+            (torch.full((count, k), math.inf, dtype=torch.float64), torch.zeros((count, k), dtype=torch.long)))
+
+
+def _score_all(run: Run, test: _Test, k: int) -> dict[str, Any]:
+    """Every training row against every selected test row, test rows in blocks that fit the budget;
+    the first block also carries the mean test gradient (overall.csv, groups, grad J)."""
+    n, p, t_count = run.train.n, run.problem.params.size, len(test.rows)
+    helpful, harmful = _empty_top(t_count, k)
+    out: dict[str, Any] = {"overall": np.zeros(n), "grad_sum": torch.zeros(p, dtype=torch.float64), "loss_sum": 0.0,
+                           "shards": 0, "reused": 0, "mean_ihvp": None}
+    per_block = max(1, BLOCK_BYTES // (8 * p))
+    for start in range(0, t_count, per_block):
+        block_rows = test.rows[start : start + per_block]
+        first, lo, hi = start == 0, start, start + len(block_rows)
+        solve = functools.cache(functools.partial(_block_ihvp, run, test, block_rows, first))  # once, if needed
+        if first:
+            out["mean_ihvp"] = lambda solve=solve: solve()[-1]  # solved only if asked (groups)
+        key = {"test": run.test.fingerprint, "rows": content_key({"rows": test.rows}), "top": k,  # type: ignore[union-attr]
+               "per_block": per_block, "start": start}
+        compute = functools.partial(_score_shard, run, solve, first, hi - lo, k)
+        for shard, part, reused in run.shards("rank", key, compute):
+            if first:
+                out["overall"][shard.start : shard.stop] = part["overall"].numpy()
+                out["grad_sum"] += part["grad_sum"]
+                out["loss_sum"] += part["loss_sum"]
+            merge_top(helpful, lo, hi, part["helpful_values"], part["helpful_rows"], largest=True)
+            merge_top(harmful, lo, hi, part["harmful_values"], part["harmful_rows"], largest=False)
+            out["shards"] += 1
+            out["reused"] += reused
+    return {**out, "helpful": helpful, "harmful": harmful}
+
+
+def _score_knn(run: Run, test: _Test, k: int, found: Neighbors) -> dict[str, Any]:
+    """FastIF: each test row ranks only its own nearest training rows (candidates streamed once per
+    block of test rows, no shards); the first block also carries the mean test gradient."""
+    n, t_count, p = run.train.n, len(test.rows), run.problem.params.size
+    candidates = torch.unique(found.rows).tolist()
+    stream = candidate_loader(run.train, candidates, run.cfg.batch_size, run.dtype)
+    helpful, harmful = _empty_top(t_count, k)
+    overall, mean_ihvp = np.full(n, np.nan), None
+    per_block = max(1, BLOCK_BYTES // (8 * p))
+    for lo in range(0, t_count, per_block):
+        block_rows = test.rows[lo : lo + per_block]
+        hi, first = lo + len(block_rows), lo == 0
+        ihvp = _block_ihvp(run, test, block_rows, first)
+        for b in GradientSource(run.problem).per_example(stream, run.train.ids, run.phase("score"), len(candidates)):
+            scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
+            if first:
+                overall[b.idx.numpy()] = scores[-1].numpy()
+                scores = scores[:-1]
+            allowed = (found.rows[lo:hi, :, None] == b.idx[None, None, :]).any(dim=1)
+            merge_top(helpful, lo, hi, scores.masked_fill(~allowed, -math.inf), b.idx, largest=True)
+            merge_top(harmful, lo, hi, scores.masked_fill(~allowed, math.inf), b.idx, largest=False)
+        if first:
+            mean_ihvp = ihvp[-1]
+    return {"helpful": helpful, "harmful": harmful, "overall": overall, "mean_ihvp": lambda: mean_ihvp,
+            "scored_rows": len(candidates), "shards": 0, "reused": 0}
+
+
+def _knn_summary(options: RankOptions, found: Neighbors, scored: int, n: int) -> dict[str, Any]:
+    return {"k": options.knn, "metric": options.knn_metric, "candidates_per_test_row": int(found.rows.shape[1]),
+            "scored_rows": scored, "scored_fraction": scored / n, "scoring_speedup_bound": n / max(scored, 1),
+            "layers": list(found.layers), "layers_skipped": list(found.layers_skipped)}
+
+
+def _score_shard(run: Run, solve: Any, first: bool, count: int, k: int, rows: range,
+                 tick: PhaseFn | None) -> dict[str, Any]:
+    """One shard of training rows against one block of `count` test rows: each test row's own top k
+    both ways (merged across shards in order), and, for the first block, the rows' effect on the
+    mean test loss with their part of grad J."""
+    n, ihvp = run.train.n, solve()
+    helpful, harmful = _empty_top(count, k)
+    overall = torch.zeros(len(rows), dtype=torch.float64)
+    grad_sum, loss_sum = torch.zeros(run.problem.params.size, dtype=torch.float64), 0.0
+    for b in GradientSource(run.problem).per_example(run.stream(run.train, rows), run.train.ids, tick, n):
+        scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
+        if first:
+            overall[b.idx - rows.start] = scores[-1]
+            grad_sum += b.grads.double().sum(0).cpu()
+            loss_sum += float(b.losses.double().sum())
+            scores = scores[:-1]
+        merge_top(helpful, 0, count, scores, b.idx, largest=True)
+        merge_top(harmful, 0, count, scores, b.idx, largest=False)
+    return {"overall": overall if first else None, "grad_sum": grad_sum if first else None, "loss_sum": loss_sum,
+            "helpful_values": helpful[0], "helpful_rows": helpful[1], "harmful_values": harmful[0],
+            "harmful_rows": harmful[1]}
+
+
+def merge_top(state: TopK, lo: int, hi: int, scores: Tensor, idx: Tensor, largest: bool) -> None:
+    """Fold (hi-lo, B) scores of training rows `idx` into rows lo..hi of a running top-k, in place."""
+    values, rows = state
+    cand_v = torch.cat([values[lo:hi], scores.to(torch.float64)], dim=1)
+    cand_i = torch.cat([rows[lo:hi], idx.expand(hi - lo, -1) if idx.dim() == 1 else idx], dim=1)
+    best, pos = torch.topk(cand_v, values.shape[1], dim=1, largest=largest, sorted=False)
+    values[lo:hi] = best
+    rows[lo:hi] = torch.gather(cand_i, 1, pos)
+
+
+def _pair_table(test: Split, rows: list[int], test_labels: list, train: Split, train_names: list, state: TopK,
+                descending: bool) -> pd.DataFrame:
+    values, idx = state[0].numpy(), state[1].numpy()
+    names, ids = np.asarray(train_names, dtype=object), np.asarray(train.ids, dtype=object)
+    records = []
+    for t, r in enumerate(rows):
+        order = np.lexsort((idx[t], -values[t] if descending else values[t]))
+        for rank_, j in enumerate(order, start=1):
+            records.append((test.ids[r], test_labels[t], rank_, ids[idx[t, j]], names[idx[t, j]], values[t, j],
+                            idx[t, j]))
+    frame = pd.DataFrame.from_records(records, columns=[*report.PAIR_COLUMNS, "_row"])
+    return report.with_extra(frame, train.extra, frame.pop("_row").to_numpy())

@@ -1,0 +1,143 @@
+"""`infl selfcheck`: self-influence g_i^T H^-1 g_i of every training row, ranked, with flags.
+
+Also each row's training-loss rank and an estimate of its leave-one-out loss (signals.py). The rows
+are scored in resumable shards; a solver that scores rows without their p-sized gradients (a
+`RowScorer`, EK-FAC's outer products) does so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import report
+from ..cache import content_key
+from ..errors import ConfigError
+from ..gradients import GradientSource
+from ..run import PhaseFn, Report, Run
+from ..scores import flag_rows, self_influence
+from ..signals import loo_loss, loo_loss_first_order, loss_rank
+from ..solvers import Factored
+from .._shim import RowScorer
+from .sweep import damping_sweep
+
+RANK_BY = ("self_influence", "loo_loss", "loss")
+NEWTON_LOO_MAX = (64, 50_000)  # Newton LOO needs C half-solves per row: only up to C outputs, p parameters
+
+
+@dataclass(frozen=True)
+class SelfcheckOptions:
+    rank_by: str = "self_influence"
+    damping_sweep: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in RANK_BY:
+            raise ConfigError(f"--rank-by: {self.rank_by!r} is not one of {', '.join(RANK_BY)}")
+
+
+def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Report:
+    """The selfcheck report of an opened run (see the module docstring)."""
+    tables, summary = score(run, options)
+    if options.damping_sweep:
+        summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "selfcheck.csv",
+                                                 "self_influence", descending=True)
+    return run.finish(summary, tables, exact_check=True)
+
+
+def score(run: Run, options: SelfcheckOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tables, summary) at the run's damping: fit (or reuse) the solver, then score every row."""
+    solver = run.fit()
+    problem, train, n = run.problem, run.train, run.train.n
+    rows = _scored_rows(run)
+    with run.timer("checkpoint_gradient"):
+        if isinstance(solver, RowScorer):  # its pass forms no per-row gradient: one objective pass
+            stored, _ = run.cache.cached(f"objective-gradient-{content_key(run.base_key)}", lambda: dict(
+                zip(("value", "grad"), GradientSource(problem).objective_gradient(), strict=True)))
+            value, grad_j = stored["value"], stored["grad"].to(run.device)
+        else:
+            value, grad_j = run.objective_at_checkpoint(float(rows["loss"].sum()), rows["grad_sum"])
+    with run.timer("loo_loss"):
+        newton = (options.rank_by == "loo_loss" and isinstance(solver, Factored)
+                  and _output_width(run) <= NEWTON_LOO_MAX[0] and problem.params.size <= NEWTON_LOO_MAX[1])
+        loo = (loo_loss(problem, solver, progress=run.phase("loo")).loo_loss if newton
+               else loo_loss_first_order(rows["loss"], rows["si"], n))
+    pred, si, loss = rows["pred"], rows["si"], rows["loss"]
+    classification = run.cfg.task != "regression"
+    mismatch = pred != train.labels.numpy().reshape(n) if classification else None
+    flagged = flag_rows(si, mismatch, run.cfg.selfcheck)
+    predicted = train.label_names(torch.from_numpy(pred)) if classification else pred
+    suggested = np.where(flagged, np.asarray(predicted, dtype=object), "") if classification else None
+    key = {"self_influence": si, "loo_loss": loo, "loss": loss}[options.rank_by]
+    table = report.selfcheck_table(train.ids, train.label_names(train.labels), predicted, rows["prob"], loss, si,
+                                   flagged, suggested, train.extra, {"loss_rank": loss_rank(loss), "loo_loss": loo},
+                                   key)
+    summary: dict[str, Any] = {
+        "command": "selfcheck", "n": n, "parameters": problem.params.size, "solver": solver.name,
+        "rank_by": options.rank_by, "loo_loss_method": "newton" if newton else "first_order",
+        "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
+        "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
+    }
+    if mismatch is not None:
+        summary["train_accuracy"] = float(1 - mismatch.mean())
+    summary["cache"] = {"fit_reused": run.fit_reused, "shards": rows["shards"], "shards_reused": rows["reused"]}
+    return {"selfcheck.csv": table}, summary
+
+
+def _scored_rows(run: Run) -> dict[str, Any]:
+    """Per-row self-influence, loss, prediction and probability of the label, over resumable shards."""
+    n, task = run.train.n, run.cfg.task
+    out: dict[str, Any] = {"si": np.zeros(n), "loss": np.zeros(n),
+                           "pred": np.zeros(n) if task == "regression" else np.zeros(n, dtype=np.int64),
+                           "prob": None if task == "regression" else np.zeros(n),
+                           "grad_sum": torch.zeros(run.problem.params.size, dtype=torch.float64),
+                           "shards": 0, "reused": 0}
+    with run.timer("score"):
+        for rows, part, reused in run.shards("selfcheck", {}, lambda rows, tick: _score_shard(run, rows, tick)):
+            window = slice(rows.start, rows.stop)
+            for name in ("si", "loss", "pred"):
+                out[name][window] = part[name].numpy()
+            if out["prob"] is not None:
+                out["prob"][window] = part["prob"].numpy()
+            if part["grad_sum"] is not None:
+                out["grad_sum"] += part["grad_sum"]
+            out["shards"] += 1
+            out["reused"] += reused
+    return out
+
+
+def _score_shard(run: Run, rows: range, tick: PhaseFn | None) -> dict[str, Any]:
+    """selfcheck's per-row results for one shard of training rows (contiguous `rows`)."""
+    problem, solver, count = run.problem, run.fitted(), len(rows)
+    loader = run.stream(run.train, rows)
+    scorer = solver if isinstance(solver, RowScorer) else None
+    blocks = (scorer.self_influence_blocks(loader, tick, run.train.n, run.train.ids) if scorer is not None
+              else GradientSource(problem).per_example(loader, run.train.ids, tick, run.train.n))
+    out = {"si": torch.zeros(count, dtype=torch.float64), "loss": torch.zeros(count, dtype=torch.float64),
+           "pred": torch.zeros(count, dtype=torch.float64 if run.cfg.task == "regression" else torch.int64),
+           "prob": torch.zeros(count, dtype=torch.float64),
+           "grad_sum": None if scorer is not None else torch.zeros(problem.params.size, dtype=torch.float64)}
+    for block in blocks:
+        local = block.idx - rows.start
+        if scorer is None:
+            out["si"][local] = self_influence(block.grads, solver).cpu()
+            out["grad_sum"] += block.grads.double().sum(0).cpu()  # the objective's gradient, for free
+        else:
+            out["si"][local] = block.self_influence.double().cpu()
+        out["loss"][local] = block.losses.detach().double().cpu()
+        p_hat, p_label = problem.objective.predict(block.outputs, block.targets)
+        out["pred"][local] = p_hat.detach().cpu().to(out["pred"].dtype)
+        if p_label is not None:
+            out["prob"][local] = p_label.detach().double().cpu()
+    return out
+
+
+def _output_width(run: Run) -> int:
+    """Columns of the output Hessian (C for C classes): one forward of the first training row."""
+    problem = run.problem
+    _, x, y = next(iter(run.stream(run.train, range(0, 1))))
+    with torch.no_grad():
+        out = problem.model(x.to(problem.device))
+    return int(problem.objective.output_hessian(out, y.to(problem.device))[0].shape[1])
