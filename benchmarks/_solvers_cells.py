@@ -5,7 +5,7 @@ A cell runs the phases its plan names, in order, and rewrites result.json after 
 overrunning keeps what it finished:
   fit        make_solver(cfg.solver).fit(problem); "standin": fit on the first rows only (arnoldi: one
              Krylov pass on 256 rows; ekfac: 1,024 rows), to time scoring when the real fit is too costly
-  si         self-influence g^T H^-1 g: pipeline.selfcheck's route (squared norms of half_ihvp, EK-FAC's
+  si         self-influence g^T H^-1 g: api.selfcheck's route (squared norms of half_ihvp, EK-FAC's
              self_influence_blocks, or one batched solve per block of rows for cg/lissa) over all rows
              ("full"), the first 512 rows ("sample"), or 64 seeded random rows gathered into one
              block, one solve ("solve_sample", cg/lissa)
@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from influence_cli import pipeline
+from influence_cli import api
 from influence_cli.config import ModelConfig, load_config
 from influence_cli.data import CastLoader, make_loader
 from influence_cli.gradients import GradientSource
 from influence_cli.models import build_model, save_checkpoint
+from influence_cli.run import Run
 from influence_cli.scores import loss_change_if_removed, self_influence
 from influence_cli.solvers import make_solver
 from influence_cli.solvers.ekfac import EkfacSolver
@@ -64,7 +65,7 @@ def make_workload(folder: Path, sizes: list[int], models: list[str], train_rows:
                      "data": {"train": {"format": "tensors", "path": str(folder / f"train_{train_rows}.pt")}}}
             (folder / "train.json").write_text(json.dumps(train))
             start = time.perf_counter()
-            summary = pipeline.train(load_config(folder / "train.json")).summary
+            summary = api.train(load_config(folder / "train.json")).summary
             info[model] = {"trained_on_rows": train_rows, "seconds": round(time.perf_counter() - start, 1),
                            "grad_norm": float(f"{summary['grad_norm']:.3g}"),
                            "objective": float(f"{summary['objective']:.4g}")}
@@ -119,7 +120,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     vectors, lissa's minibatch steps (seconds per step), arnoldi's half_ihvp, EK-FAC fit and scoring."""
     torch.set_num_threads(spec["threads"])
     cfg = load_config(spec["config"], spec["overrides"])
-    inp = pipeline.load_inputs(cfg)
+    inp = api.open_run(cfg)
     p = inp.problem.params.size
     m = min(inp.problem.n, 2048 if p < 100_000 else 256)
     sub = dataclasses.replace(inp.problem, train_loader=inp.train_rows(range(m)), n=m)
@@ -173,7 +174,7 @@ def cell(spec: dict[str, Any]) -> dict[str, Any]:
         (out / "result.json").write_text(json.dumps(res))
 
     cfg = load_config(spec["config"], spec["overrides"])
-    inp = pipeline.load_inputs(cfg, need_test=True)
+    inp = api.open_run(cfg, 'rank', need_test=True)
     problem, n, name = inp.problem, inp.problem.n, cfg.solver.name
     res["rss_after_load_mib"] = peak_mib()
     source = GradientSource(problem)
@@ -207,7 +208,7 @@ def cell(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _self_influence(how: str, inp: pipeline.Inputs, solver: Any, source: GradientSource, out: Path,
+def _self_influence(how: str, inp: Run, solver: Any, source: GradientSource, out: Path,
                     save: Callable[..., None]) -> None:
     problem, n = inp.problem, inp.problem.n
     if how == "solve_sample":  # cg/lissa: seeded random rows, one block, one batched solve
@@ -231,7 +232,7 @@ def _self_influence(how: str, inp: pipeline.Inputs, solver: Any, source: Gradien
     save("si", seconds, rows=len(rows))
 
 
-def _train_to_test(cfg: Any, inp: pipeline.Inputs, solver: Any, source: GradientSource,
+def _train_to_test(cfg: Any, inp: Run, solver: Any, source: GradientSource,
                    out: Path) -> tuple[float, float]:
     problem, n = inp.problem, inp.problem.n
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Agreement of the iterative solvers (cg, lissa) with direct on a real workload, and their wall time.
 
-For each solver, runs `ranking.rank` (train -> test influence: `loss_change_if_removed` of every
-training row on the mean test loss, the `overall.csv` column) and optionally `pipeline.selfcheck`,
+For each solver, runs `api.rank` (train -> test influence: `loss_change_if_removed` of every
+training row on the mean test loss, the `overall.csv` column) and optionally `api.selfcheck`,
 and compares the scores with the direct solver's: Spearman and Pearson correlation, and the overlap
 of the 10 most helpful / harmful rows. Prints one line per solver and the solver's own diagnostics.
 A solver may carry one setting of its own block as NAME:key=value (ekfac:refine=0 is --set solver.ekfac.refine=0).
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from influence_cli import pipeline, ranking
+from influence_cli import api
 from influence_cli.config import load_config
+from influence_cli.run import Report
 
 
-def _scores(report: pipeline.Report, table: str, column: str) -> np.ndarray:
+def _scores(report: Report, table: str, column: str) -> np.ndarray:
     frame = report.tables[table].sort_values("id")
     return frame[column].to_numpy(dtype=float)
 
@@ -52,7 +53,7 @@ def main() -> None:
     if args.selfcheck:
         commands.append(("selfcheck", "selfcheck.csv", "self_influence"))
     for command, table, column in commands:
-        run = ranking.rank if command == "rank" else pipeline.selfcheck
+        run = api.rank if command == "rank" else api.selfcheck
         start = time.perf_counter()
         ref = run(load_config(args.config, ["solver.name=direct"]))
         print(f"{command} direct: {time.perf_counter() - start:.1f}s  phases {ref.manifest['phases_seconds']}")

@@ -9,7 +9,7 @@ labels flipped (so there are harmful rows), 20 held-out test rows. Checkpoints a
   logreg  64-10 (650 parameters), trained to the optimum; solver direct. A per-example gradient costs about
           what a forward pass does, so --knn has little to save.
 Each workload runs the full ranking, then --knn K with each metric (after one untimed warm-up run), and prints
-wall seconds of `ranking.rank` (= the command minus writing files), the phases (summary['phases_seconds']), the
+wall seconds of `api.rank` (= the command minus writing files), the phases (summary['phases_seconds']), the
 speed-ups of the whole run, of the run without the Hessian fit (identical in both), and of the scoring work
 (full: phase score; knn: phases knn + score), and the mean per-test-row overlap of the top-10 helpful and
 harmful rows with the full ranking's (the recall of the narrowing: candidates are scored exactly).
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from influence_cli import api  # noqa: E402
 from influence_cli import knn as knn_module  # noqa: E402
-from influence_cli import ranking  # noqa: E402
 from influence_cli.config import Config, ModelConfig, load_config  # noqa: E402
 from influence_cli.models import build_model, save_checkpoint  # noqa: E402
 
@@ -102,7 +102,7 @@ def overlap(full, knn, table: str) -> float:
 
 def timed(cfg: Config, **kw):
     start = time.perf_counter()
-    result = ranking.rank(cfg, top=10, **kw)
+    result = api.rank(cfg, top=10, **kw)
     return result, time.perf_counter() - start
 
 

@@ -6,7 +6,7 @@ For n in {1k, 10k, 50k} training rows of 64 features and two models (logreg: 650
   algebra  time torch needs for the unavoidable dense algebra of the same shapes, in float64:
            forming a p x p matrix from n x p rows (G^T G) plus whitening n x p rows with a p x p
            triangular factor, streamed in the same blocks of rows
-  selfcheck  wall time of pipeline.selfcheck (load, checkpoint gradient, Hessian, factor, scores)
+  selfcheck  wall time of api.selfcheck (load, checkpoint gradient, Hessian, factor, scores)
   ratio    selfcheck / max(grads, algebra)
   peak_rss   peak resident memory of the subprocess (MiB), which must stay flat in n
 
@@ -64,18 +64,18 @@ def measure(config: str) -> dict:
 
     import torch
 
-    from influence_cli import pipeline
+    from influence_cli import api
     from influence_cli.config import load_config
     from influence_cli.gradients import GradientSource
 
     torch.set_num_threads(2)
     cfg = load_config(config)
-    pipeline.selfcheck(cfg)  # first, so the peak memory below is selfcheck's own (and warm-up, like grads')
+    api.selfcheck(cfg)  # first, so the peak memory below is selfcheck's own (and warm-up, like grads')
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    result = pipeline.selfcheck(cfg)  # timed warm, as the gradients below are
+    result = api.selfcheck(cfg)  # timed warm, as the gradients below are
     selfcheck = time.perf_counter() - start
-    inp = pipeline.load_inputs(cfg)
+    inp = api.open_run(cfg)
     source = GradientSource(inp.problem)
     for _ in source.per_example(inp.problem.train_loader):  # warm-up (functorch tracing, allocator)
         break

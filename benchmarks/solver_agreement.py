@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from influence_cli import pipeline, ranking
+from influence_cli import api
 from influence_cli.config import load_config
+from influence_cli.run import Report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +33,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def run(config: str, overrides: list[str]) -> tuple[pipeline.Report, pipeline.Report, float]:
+def run(config: str, overrides: list[str]) -> tuple[Report, Report, float]:
     cfg = load_config(config, overrides)
     start = time.perf_counter()
-    ranked = ranking.rank(cfg)
+    ranked = api.rank(cfg)
     seconds = time.perf_counter() - start
-    return ranked, pipeline.selfcheck(cfg), seconds
+    return ranked, api.selfcheck(cfg), seconds
 
 
 def tops(frame: pd.DataFrame) -> dict[str, set]:
