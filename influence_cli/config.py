@@ -247,6 +247,7 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the config must be a YAML mapping (key: value), not {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
+    _inherit_test_settings(raw)
     cfg = build(Config, raw, "")
     cfg = _resolve_paths(cfg, path.resolve().parent)
     return dataclasses.replace(cfg, source=path.resolve())
@@ -272,6 +273,22 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section", hint="check the key")
         node = child
     node[parts[-1]] = value
+
+
+INHERITED = {"group": ("csv", "parquet", "tensors"), "carry": ("csv", "parquet", "tensors"),
+             "features": ("csv", "parquet")}
+
+
+def _inherit_test_settings(raw: dict[str, Any]) -> None:
+    """data.test takes data.train's group, carry and features unless it sets them itself (and
+    where its format has such columns), so a metadata column never becomes a test feature."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict) or not isinstance(data.get("test"), dict):
+        return
+    train, test = data["train"], data["test"]
+    for key, formats in INHERITED.items():
+        if key in train and key not in test and test.get("format", "csv") in formats:
+            test[key] = train[key]
 
 
 def build(cls: type, raw: Any, where: str) -> Any:

@@ -31,6 +31,9 @@ from .sources import Raw, existing, to_numpy
 
 TASKS = ("classification", "binary", "regression")
 _SHOWN = 5  # row ids named in a message
+# pandas' default NA strings: missing in every column but the id column, whose values are read verbatim
+NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ class Split:
     `dataset[i]` is `(x float32, labels[i])`. `classes[j]` names integer label j when the labels
     were strings or class folders. `fingerprint` is a sha256 of the content and of the settings
     that change it (not of the path, so a moved file keeps it). `task` was added to the brief's
-    fields so `label_names` can print binary labels as ints.
+    fields so `label_names` can print binary labels as ints. `features` names the columns of x,
+    in order (csv/parquet only): pass the train split's to the test split's `load_split`.
     """
 
     role: str
@@ -53,6 +57,7 @@ class Split:
     group: str | None = None
     classes: list[str] | None = None
     task: str = "classification"
+    features: tuple[str, ...] | None = None
 
     @property
     def n(self) -> int:
@@ -104,9 +109,13 @@ class LabeledDataset(Dataset):
         return torch.as_tensor(x, dtype=torch.float32), self.labels[i]
 
 
-def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None = None) -> Split:
+def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None = None, *,
+               features: Sequence[str] | None = None) -> Split:
     """Load `data.<role>`. For the test split pass the train split's `classes`, so string labels
-    and class folders map to the same integers; a test label train never saw is a DataError.
+    and class folders map to the same integers; a test label train never saw is a DataError. Pass
+    its `features` too: csv/parquet columns are then taken by these names, in this order, whatever
+    the file's column order; a missing one, or a column that would be a feature but is not one of
+    these, is a DataError naming it.
 
     The fingerprint hashes the data files, the mapped labels and classes, the task and every
     setting but the path.
@@ -118,9 +127,10 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
         raise ConfigError(f"{key}.group/carry: only csv, parquet and tensors data have extra columns")
     if cfg.format not in ("csv", "parquet") and cfg.features is not None:
         raise ConfigError(f"{key}.features: only csv and parquet data have feature columns")
-    reader = {"csv": _tabular, "parquet": _tabular, "tensors": _tensors, "imagefolder": sources.imagefolder,
-              "torchvision": sources.torchvision, "python": sources.python}[cfg.format]
-    raw = reader(cfg, key)
+    readers = {"tensors": _tensors, "imagefolder": sources.imagefolder, "torchvision": sources.torchvision,
+               "python": sources.python}
+    raw, names_of_x = _tabular(cfg, key, features) if cfg.format in ("csv", "parquet") else (
+        readers[cfg.format](cfg, key), None)
     if not raw.ids:
         raise DataError(f"{key}: the dataset at {cfg.path or cfg.function} has no rows", hint="check the file")
     index = pd.Index(raw.ids)
@@ -134,7 +144,7 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
     digest = hashlib.sha256(raw.content + labels.numpy().tobytes())
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "path"}
     digest.update(json.dumps([settings, task, names], sort_keys=True, default=str).encode())
-    return Split(role, raw.ids, labels, dataset, digest.hexdigest(), extra, cfg.group, names, task)
+    return Split(role, raw.ids, labels, dataset, digest.hexdigest(), extra, cfg.group, names, task, names_of_x)
 
 
 def validate_labels(split: Split, task: str, num_outputs: int) -> None:
@@ -230,27 +240,74 @@ def _identity(batch: Any) -> Any:
 # ---- formats: each reads `data.<role>` into a Raw
 
 
-def _tabular(cfg: SplitConfig, key: str) -> Raw:
+def _tabular(cfg: SplitConfig, key: str, trained: Sequence[str] | None) -> tuple[Raw, tuple[str, ...]]:
+    """(Raw, feature names). `trained`: the train split's feature names, which this split's columns
+    must hold (by name)."""
     path = existing(cfg.path, f"{key}.path", file=True)
+    df = _read_table(path, cfg, key)
+    df.columns = cols = [str(c) for c in df.columns]
+    _require(key, {**_named(cfg), "features": list(cfg.features or []) if trained is None else []}, cols,
+             "column", path.name)
+    ids = _ids(df[cfg.id], key) if cfg.id else [str(i) for i in range(len(df))]
+    taken = {cfg.label, cfg.id, cfg.group, *cfg.carry}
+    clash = [c for c in (cfg.features or trained or ()) if c in taken]
+    if clash:
+        raise ConfigError(f"{key}.features: {clash[0]!r} is also the label, id, group or a carry column")
+    if trained is not None:
+        features = _trained_features(cfg, key, list(trained), cols, taken, path.name)
+    else:
+        features = list(cfg.features) if cfg.features is not None else [c for c in cols if c not in taken]
+    if not features:
+        raise ConfigError(f"{key}.features: no feature columns left in {path.name}", hint="list them in features")
+    if len(set(features)) != len(features):
+        raise ConfigError(f"{key}.features: {_first_repeat(features)!r} is listed twice")
+    x = _numeric_features(df[features], ids, key)
+    extra = df[_extra_names(cfg)].reset_index(drop=True)
+    return Raw(ids, df[cfg.label].to_numpy(), None, x, _hash_file(path), extra), tuple(features)
+
+
+def _read_table(path: Path, cfg: SplitConfig, key: str) -> pd.DataFrame:
+    """The file as a DataFrame; csv ids as text, verbatim ("NA", "None", "007" stay what they are)."""
     try:
-        ids_as_text = {cfg.id: str} if cfg.id else None
-        df = pd.read_csv(path, dtype=ids_as_text) if cfg.format == "csv" else pd.read_parquet(path)
+        if cfg.format == "parquet":
+            return pd.read_parquet(path)
+        if not cfg.id:
+            return pd.read_csv(path)
+        header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
+        na = {c: NA_STRINGS for c in header if c != cfg.id}
+        return pd.read_csv(path, dtype={cfg.id: str} if cfg.id in header else None, keep_default_na=False,
+                           na_values=na)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{key}.path: {path} is empty (no header row, no rows)", hint="check the file") from None
     except Exception as e:  # pandas/pyarrow raise many types for unreadable files
         raise ConfigError(f"{key}.path: cannot read {path} as {cfg.format} ({type(e).__name__}: {e})",
                           hint=f"check the file, or set {key}.format") from e
-    df.columns = cols = [str(c) for c in df.columns]
-    _require(key, {**_named(cfg), "features": list(cfg.features or [])}, cols, "column", path.name)
-    ids = _ids(df[cfg.id], key) if cfg.id else [str(i) for i in range(len(df))]
-    taken = {cfg.label, cfg.id, cfg.group, *cfg.carry}
-    clash = [c for c in cfg.features or () if c in taken]
-    if clash:
-        raise ConfigError(f"{key}.features: {clash[0]!r} is also the label, id, group or a carry column")
-    features = list(cfg.features) if cfg.features is not None else [c for c in cols if c not in taken]
-    if not features:
-        raise ConfigError(f"{key}.features: no feature columns left in {path.name}", hint="list them in features")
-    x = _numeric_features(df[features], ids, key)
-    extra = df[_extra_names(cfg)].reset_index(drop=True)
-    return Raw(ids, df[cfg.label].to_numpy(), None, x, _hash_file(path), extra)
+
+
+def _trained_features(cfg: SplitConfig, key: str, trained: list[str], cols: list[str], taken: set[Any],
+                      file: str) -> list[str]:
+    """The train split's feature names, checked against this split's columns and settings."""
+    if cfg.features is not None and sorted(cfg.features) != sorted(trained):
+        raise ConfigError(f"{key}.features: {list(cfg.features)} differ from the train split's features {trained}",
+                          hint=f"drop {key}.features (the test split inherits data.train's) or list the same columns")
+    missing = [c for c in trained if c not in cols]
+    if missing:
+        names = ", ".join(repr(c) for c in missing[:_SHOWN])
+        raise DataError(f"{key}: {file} lacks the feature column{'s' if len(missing) > 1 else ''} {names} the "
+                        "model reads (the train split's features)", hint="add them to the file, or retrain without them")
+    if cfg.features is None:
+        unknown = [c for c in cols if c not in taken and c not in trained]
+        if unknown:
+            names = ", ".join(repr(c) for c in unknown[:_SHOWN])
+            raise DataError(f"{key}: column{'s' if len(unknown) > 1 else ''} {names} in {file} would be a feature but "
+                            f"{'is' if len(unknown) == 1 else 'are'} not one of the train split's ({', '.join(trained)})",
+                            hint=f"list it under {key}.carry, or set {key}.features")
+    return trained
+
+
+def _first_repeat(items: list[str]) -> str:
+    seen: set[str] = set()
+    return next(c for c in items if c in seen or seen.add(c))  # type: ignore[func-returns-value]
 
 
 def _tensors(cfg: SplitConfig, key: str) -> Raw:
@@ -364,9 +421,12 @@ def _numeric_features(df: pd.DataFrame, ids: list[str], key: str) -> torch.Tenso
 
 
 def _ids(col: pd.Series, key: str) -> list[str]:
-    if col.isna().any():
-        rows = np.nonzero(col.isna().to_numpy())[0]
-        raise DataError(f"{key}.id: missing id at rows {', '.join(str(i) for i in rows[:_SHOWN])}")
+    """Ids as text. csv ids arrive verbatim ("NA" is an id); a missing or empty one is refused."""
+    empty = col.isna().to_numpy() | np.array([isinstance(v, str) and not v.strip() for v in col], dtype=bool)
+    if empty.any():
+        rows = np.nonzero(empty)[0]
+        raise DataError(f"{key}.id: missing id at rows {', '.join(str(i) for i in rows[:_SHOWN])}",
+                        hint="give every row a non-empty id (rows are counted from 0 after the header)")
     if pd.api.types.is_float_dtype(col) and (col == col.round()).all():
         col = col.astype(np.int64)
     return [str(v) for v in col]

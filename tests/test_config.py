@@ -115,3 +115,20 @@ def test_apply_override_builds_sections():
     raw: dict = {}
     apply_override(raw, "solver.cg.tol=1e-9")
     assert raw == {"solver": {"cg": {"tol": "1e-9"}}}
+
+
+def test_test_split_inherits_group_carry_features(tmp_path):
+    (tmp_path / "train.csv").write_text("a,label\n1,0\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE.replace("path: train.csv}", "path: train.csv, group: src, carry: [note], features: [a]}")
+                    + "  test: {format: csv, path: train.csv}\n")
+    test = load_config(path).data.test
+    assert (test.group, test.carry, test.features) == ("src", ("note",), ("a",))
+    path.write_text(BASE.replace("path: train.csv}", "path: train.csv, group: src, carry: [note]}")
+                    + "  test: {format: csv, path: train.csv, carry: [], group: null}\n")
+    test = load_config(path).data.test
+    assert (test.group, test.carry, test.features) == (None, (), None)
+    path.write_text(BASE.replace("path: train.csv}", "path: train.csv, features: [a], carry: [b]}")
+                    + "  test: {format: tensors, path: train.csv}\n")
+    test = load_config(path).data.test
+    assert (test.carry, test.features) == (("b",), None)  # tensors have no feature columns to inherit

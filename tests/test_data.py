@@ -424,3 +424,50 @@ def test_config_keys_for_wrong_format(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="task: expected one of"):
         load_split(SplitConfig(format="tensors", path=tmp_path / "d.pt"), "train", "ranking")
     assert os.listdir(tmp_path) == ["d.pt"]
+
+
+# ---- issue 14: features by name, ids verbatim
+
+
+def test_test_columns_taken_by_train_feature_names(train_csv: Path, tmp_path: Path) -> None:
+    train = load_split(csv_cfg(train_csv, carry=("source", "note")), "train", "classification")
+    assert train.features == ("a", "b")
+    test_csv = write_csv(tmp_path / "test.csv", "label,b,note,id,source,a\ncat,20,q,t1,web,10\n")
+    test = load_split(csv_cfg(test_csv, carry=("source", "note")), "test", "classification",
+                      classes=train.classes, features=train.features)
+    assert test.dataset[0][0].tolist() == [10.0, 20.0] and test.features == ("a", "b")
+
+
+def test_test_split_lacking_a_feature_is_data_error(train_csv: Path, tmp_path: Path) -> None:
+    train = load_split(csv_cfg(train_csv, carry=("source", "note")), "train", "classification")
+    test_csv = write_csv(tmp_path / "test.csv", "id,a,source,note,label\nt1,1,web,q,cat\n")
+    with pytest.raises(DataError, match=r"data\.test: .*test\.csv lacks the feature column 'b'"):
+        load_split(csv_cfg(test_csv, carry=("source", "note")), "test", "classification", classes=train.classes,
+                   features=train.features)
+
+
+def test_test_split_with_an_untrained_feature_is_data_error(train_csv: Path, tmp_path: Path) -> None:
+    train = load_split(csv_cfg(train_csv, carry=("source", "note")), "train", "classification")
+    test_csv = write_csv(tmp_path / "test.csv", "id,a,b,c,source,note,label\nt1,1,2,3,web,q,cat\n")
+    with pytest.raises(DataError, match=r"data\.test: column 'c' in test\.csv .*not one of the train split's"):
+        load_split(csv_cfg(test_csv, carry=("source", "note")), "test", "classification", classes=train.classes,
+                   features=train.features)
+    with pytest.raises(ConfigError, match=r"data\.test\.features: .*'a'.*train split's features"):
+        load_split(csv_cfg(test_csv, features=("a", "c")), "test", "classification", classes=train.classes,
+                   features=train.features)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_ids_are_read_verbatim(tmp_path: Path, fmt: str) -> None:
+    text = "id,f,label\nNA,1,0\nnull,2,1\nNone,3,0\nnan,4,1\n007,5,0\n"
+    path = write_csv(tmp_path / "d.csv", text)
+    if fmt == "parquet":
+        pd.read_csv(path, dtype=str, keep_default_na=False).assign(f=[1, 2, 3, 4, 5], label=[0, 1, 0, 1, 0]).to_parquet(
+            path := tmp_path / "d.parquet")
+    split = load_split(SplitConfig(format=fmt, path=path, id="id"), "train", "classification")
+    assert split.ids == ["NA", "null", "None", "nan", "007"]
+    empty = write_csv(tmp_path / "e.csv", "id,f,label\n,1,0\nx,NA,1\n")
+    with pytest.raises(DataError, match=r"data\.train\.id: missing id at rows 0"):
+        load_split(csv_cfg(empty), "train", "classification")
+    with pytest.raises(DataError, match=r"missing, NaN or inf features \(f\) at row ids"):
+        load_split(csv_cfg(write_csv(tmp_path / "f.csv", "id,f,label\ny,1,0\nx,NA,1\n")), "train", "classification")
