@@ -117,8 +117,9 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
     the file's column order; a missing one, or a column that would be a feature but is not one of
     these, is a DataError naming it.
 
-    The fingerprint hashes the data files, the mapped labels and classes, the task and every
-    setting but the path.
+    The fingerprint hashes what the math reads: the inputs (in-memory x, or the image/dataset
+    files), the ids, the mapped labels and classes, the task and the settings that change them
+    (transforms, feature names); not the path, nor the group and carry columns.
     """
     if task not in TASKS:
         raise ConfigError(f"task: expected one of {' | '.join(TASKS)}, got {task!r}")
@@ -141,9 +142,8 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
     in_memory = isinstance(raw.base, torch.Tensor)
     dataset = TensorRows(raw.base, labels) if in_memory else LabeledDataset(raw.base, labels)
     extra = raw.extra if raw.extra is not None else pd.DataFrame(index=pd.RangeIndex(len(raw.ids)))
-    digest = hashlib.sha256(raw.content + labels.numpy().tobytes())
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "path"}
-    digest.update(json.dumps([settings, task, names], sort_keys=True, default=str).encode())
+    digest = _fingerprint(raw, labels, cfg, names_of_x)
+    digest.update(json.dumps([task, names], default=str).encode())
     return Split(role, raw.ids, labels, dataset, digest.hexdigest(), extra, cfg.group, names, task, names_of_x)
 
 
@@ -263,7 +263,7 @@ def _tabular(cfg: SplitConfig, key: str, trained: Sequence[str] | None) -> tuple
         raise ConfigError(f"{key}.features: {_first_repeat(features)!r} is listed twice")
     x = _numeric_features(df[features], ids, key)
     extra = df[_extra_names(cfg)].reset_index(drop=True)
-    return Raw(ids, df[cfg.label].to_numpy(), None, x, _hash_file(path), extra), tuple(features)
+    return Raw(ids, df[cfg.label].to_numpy(), None, x, b"", extra), tuple(features)  # x is hashed, not the file
 
 
 def _read_table(path: Path, cfg: SplitConfig, key: str) -> pd.DataFrame:
@@ -345,7 +345,7 @@ def _tensors(cfg: SplitConfig, key: str) -> Raw:
     if bad:
         raise DataError(f"{key}: NaN or inf in {cfg.x_key!r} at row ids {_name_rows(ids, bad)}", hint="fix the data")
     extra = pd.DataFrame({c: columns[c] for c in _extra_names(cfg)}, index=pd.RangeIndex(n))
-    return Raw(ids, columns[cfg.label], None, x, _hash_file(path), extra)
+    return Raw(ids, columns[cfg.label], None, x, b"", extra)  # x is hashed, not the file
 
 
 # ---- helpers
@@ -470,8 +470,21 @@ def _name_rows(ids: Sequence[str], rows: Any, limit: int = _SHOWN) -> str:
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
-def _hash_file(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
+NOT_HASHED = ("path", "group", "carry", "features")  # features: hashed as the resolved names
 
 
+def _fingerprint(raw: Raw, labels: torch.Tensor, cfg: SplitConfig, features: tuple[str, ...] | None) -> Any:
+    """sha256 over x (in memory: its bytes, shape and dtype; else the reader's digest of the
+    files), ids, labels and the settings that change them."""
+    digest = hashlib.sha256()
+    if isinstance(raw.base, torch.Tensor):
+        x = raw.base.detach().cpu().contiguous().numpy()
+        digest.update(json.dumps([list(x.shape), str(x.dtype)]).encode())
+        digest.update(memoryview(x.reshape(-1)).cast("B"))  # no copy of a large feature matrix
+    else:
+        digest.update(raw.content)
+    digest.update(json.dumps(raw.ids).encode())
+    digest.update(labels.contiguous().numpy().tobytes())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED}
+    digest.update(json.dumps([settings, features], sort_keys=True, default=str).encode())
+    return digest

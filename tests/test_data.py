@@ -471,3 +471,33 @@ def test_ids_are_read_verbatim(tmp_path: Path, fmt: str) -> None:
         load_split(csv_cfg(empty), "train", "classification")
     with pytest.raises(DataError, match=r"missing, NaN or inf features \(f\) at row ids"):
         load_split(csv_cfg(write_csv(tmp_path / "f.csv", "id,f,label\ny,1,0\nx,NA,1\n")), "train", "classification")
+
+
+def test_fingerprint_ignores_group_and_carry(train_csv: Path, tmp_path: Path) -> None:
+    """Issue 9.5: what the math reads (features, labels, ids, transforms), not metadata columns."""
+    numeric = write_csv(tmp_path / "n.csv", "id,a,b,source,note,label\n1,1,2,7,x,0\n2,3,4,8,y,1\n")
+    plain = load_split(csv_cfg(numeric, features=("a", "b")), "train", "classification").fingerprint
+    for kw in ({"carry": ("source",), "features": ("a", "b")}, {"group": "source", "carry": ("note",)},
+               {"carry": ("source", "note")}):
+        assert load_split(csv_cfg(numeric, **kw), "train", "classification").fingerprint == plain, kw
+    write_csv(numeric, "id,a,b,source,note,label\n1,1,2,9,changed,0\n2,3,4,8,y,1\n")  # metadata only
+    assert load_split(csv_cfg(numeric, carry=("source", "note")), "train", "classification").fingerprint == plain
+    write_csv(numeric, "id,a,b,source,note,label\n1,1,2.5,9,changed,0\n2,3,4,8,y,1\n")  # a feature value
+    assert load_split(csv_cfg(numeric, carry=("source", "note")), "train", "classification").fingerprint != plain
+    write_csv(numeric, "id,a,b,source,note,label\n1,1,2,7,x,1\n2,3,4,8,y,1\n")  # a label
+    assert load_split(csv_cfg(numeric, carry=("source", "note")), "train", "classification").fingerprint != plain
+    write_csv(numeric, "id,a,b,source,note,label\nz,1,2,7,x,0\n2,3,4,8,y,1\n")  # an id
+    assert load_split(csv_cfg(numeric, carry=("source", "note")), "train", "classification").fingerprint != plain
+
+
+def test_tensors_fingerprint_ignores_group_and_carry(tmp_path: Path) -> None:
+    x, y = torch.randn(3, 2), torch.tensor([0, 1, 0])
+    torch.save({"x": x, "y": y, "src": torch.tensor([1, 2, 3])}, tmp_path / "a.pt")
+    torch.save({"x": x, "y": y, "src": torch.tensor([9, 9, 9])}, tmp_path / "b.pt")
+    first = load_split(SplitConfig(format="tensors", path=tmp_path / "a.pt"), "train", "classification").fingerprint
+    for name in ("a.pt", "b.pt"):
+        cfg = SplitConfig(format="tensors", path=tmp_path / name, group="src")
+        assert load_split(cfg, "train", "classification").fingerprint == first
+    torch.save({"x": x + 1, "y": y}, tmp_path / "c.pt")
+    assert load_split(SplitConfig(format="tensors", path=tmp_path / "c.pt"), "train",
+                      "classification").fingerprint != first
