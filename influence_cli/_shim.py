@@ -8,9 +8,3 @@ except ImportError:
     class RowScorer(Protocol):
         def self_influence_blocks(self, loader, progress=None, total=None, ids=None): ...
 
-try:
-    from .solvers import Redampable
-except ImportError:
-    @runtime_checkable
-    class Redampable(Protocol):
-        def redamped(self, damping, problem): ...

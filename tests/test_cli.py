@@ -422,3 +422,17 @@ def test_stdout_closed_by_the_reader_is_a_quiet_exit_0(cfg, tmp_path):
     assert proc.wait(timeout=300) == 0, err
     assert "Traceback" not in err and "error" not in err and "Exception ignored" not in err
     assert (tmp_path / "selfcheck.csv").is_file()
+
+
+def test_damping_sweep_keeps_the_commands_options(capsys, cfg, tmp_path):
+    """rank --knn K --damping-sweep sweeps the kNN ranking itself (same candidate rows), not a full one."""
+    code, out, err = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--knn", "5", "--damping-sweep", "--json",
+                         "--test-ids", "d0022")
+    assert code == 0, err
+    doc = json.loads(out)
+    overall = pd.read_csv(tmp_path / "overall.csv")
+    assert len(overall) == doc["knn"]["scored_rows"] < 1437  # the swept tables had these rows too (.loc by id)
+    assert set(doc["damping_sweep"]) >= {"x0.1", "x10"} and doc["damping_sweep"]["x0.1"]["spearman"] > 0.5
+    code, out, _ = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--knn", "5", "--damping-sweep",
+                       "--test-ids", "d0022")
+    assert code == 0 and "damping sweep of loss_change_if_removed" in out

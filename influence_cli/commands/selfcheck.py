@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import report
+from .._shim import RowScorer
 from ..cache import content_key
 from ..errors import ConfigError
 from ..gradients import GradientSource
@@ -21,7 +22,6 @@ from ..run import PhaseFn, Report, Run
 from ..scores import flag_rows, self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
 from ..solvers import Factored
-from .._shim import RowScorer
 from .sweep import damping_sweep
 
 RANK_BY = ("self_influence", "loo_loss", "loss")

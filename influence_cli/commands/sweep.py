@@ -1,8 +1,8 @@
 """`--damping-sweep`: how much a ranking moves at 0.1x and 10x `solver.damping`.
 
 The command's own scoring reruns on the loaded data and model with only the curvature refitted at
-the new damping (a `Redampable` solver, such as direct's eigendecomposition, shifts its eigenvalues
-instead of refitting), so every option of the command (--knn, --top, --group-by, --rank-by) holds
+the new damping (direct's Cholesky factor is refactored from H without a pass over the data,
+solvers/redamp.py), so every option of the command (--knn, --top, --group-by, --rank-by) holds
 for the swept rankings too. Agreement: Spearman over all rows and over the reference's top 10%,
 and the overlap of the two top 10%s.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..run import Run
-from .._shim import Redampable
+from ..solvers.redamp import redamped
 from ..stats import spearman
 
 FACTORS = (0.1, 10.0)
@@ -37,7 +37,7 @@ def damping_sweep(run: Run, base: dict[str, pd.DataFrame], rescore: Callable[[],
     try:
         for factor in FACTORS:
             value = swept_damping(damping, factor)
-            run.at_damping(value, solver.redamped(value, run.problem) if isinstance(solver, Redampable) else None)
+            run.at_damping(value, redamped(solver, value, run.problem))
             with run.timer("damping_sweep"):
                 values = rescore()[table].set_index("id")[column].loc[reference.index]
             figures = agreement(reference.to_numpy(dtype=float), values.to_numpy(dtype=float), descending)

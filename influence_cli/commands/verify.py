@@ -33,6 +33,7 @@ from ..retrain import (
 )
 from ..run import Report, Run
 from ..scores import loss_change_if_removed
+from ..solvers.redamp import redamped
 from ..stats import correlations, pearson
 from .sweep import FACTORS, swept_damping
 
@@ -107,11 +108,11 @@ def _predictions(run: Run, mean_grad: Tensor) -> dict[float, tuple[np.ndarray, T
     """damping -> (predicted change of the mean test loss per training row (n,), H^-1 gbar (p,)), at
     the run's damping and at 0.1x and 10x; the run is left at its own damping and solver."""
     base, predictions = run.damping, {}
-    base_solver = None
+    base_solver = run.fit()
     for damping in (base, *(swept_damping(base, f) for f in FACTORS)):
-        run.at_damping(damping)
+        if damping != base:
+            run.at_damping(damping, redamped(base_solver, damping, run.problem))
         solver = run.fit()
-        base_solver = base_solver or solver
         with run.timer("predict"):
             mean_ihvp = solver.ihvp(mean_grad[None])
             predicted = np.zeros(run.train.n)
