@@ -23,6 +23,7 @@ import yaml
 from .errors import ConfigError
 
 _REQUIRED = {"required": True}
+MAX_SEED = 2**32 - 1  # what every seeded generator (torch, numpy) takes
 _IN_PATH = {"path": "input"}
 _OUT_PATH = {"path": "output"}
 
@@ -218,6 +219,9 @@ class Config:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         _positive(self, "batch_size")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: must be a whole number in [0, {MAX_SEED}], got {self.seed}",
+                              hint="any value in that range works; it seeds torch and numpy")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if isinstance(self.params, tuple) and not self.params:

@@ -26,7 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from . import sources
 from .config import SplitConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, InflError
 from .sources import Raw, existing, to_numpy
 
 TASKS = ("classification", "binary", "regression")
@@ -92,21 +92,40 @@ class TensorRows(Dataset):
 
 
 class LabeledDataset(Dataset):
-    """Wraps a lazy dataset so each item is `(x as float32 tensor, labels[i])`, whatever the source gives."""
+    """Wraps a lazy dataset so each item is `(x as float32 tensor, labels[i])`, whatever the source gives.
 
-    def __init__(self, base: Any, labels: torch.Tensor) -> None:
-        self.base, self.labels = base, labels
+    A row that cannot be read (a corrupt image, an item user code fails on) is a DataError naming
+    `key`, the file (for image folders) and the row id: the boundary where PIL, torchvision and
+    user datasets meet ours."""
+
+    def __init__(self, base: Any, labels: torch.Tensor, ids: Sequence[str] | None = None, key: str = "data") -> None:
+        self.base, self.labels, self.ids, self.key = base, labels, ids, key
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.base[i][0]
-        if not isinstance(x, (torch.Tensor, np.ndarray, list, tuple, int, float)):  # a PIL image
-            from torchvision.transforms.functional import to_tensor
+        try:
+            x = self.base[i][0]
+            if not isinstance(x, (torch.Tensor, np.ndarray, list, tuple, int, float)):  # a PIL image
+                from torchvision.transforms.functional import to_tensor
 
-            x = to_tensor(x)
-        return torch.as_tensor(x, dtype=torch.float32), self.labels[i]
+                x = to_tensor(x)
+            return torch.as_tensor(x, dtype=torch.float32), self.labels[i]
+        except InflError:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL, torchvision and user code raise anything for a bad row
+            raise DataError(f"{self.key}: {self._row(i)} ({type(e).__name__}: {_first_line(e)})",
+                            hint="fix or remove that file" if self._file(i) else "fix that row") from e
+
+    def _file(self, i: int) -> str | None:
+        samples = getattr(self.base, "samples", None)
+        return str(samples[i][0]) if isinstance(samples, list) and 0 <= i < len(samples) else None
+
+    def _row(self, i: int) -> str:
+        rid = f"row id {self.ids[i]!r}" if self.ids is not None and 0 <= i < len(self.ids) else f"row {i}"
+        file = self._file(i)
+        return f"cannot read image {file} ({rid})" if file else f"cannot read {rid}"
 
 
 def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None = None, *,
@@ -140,7 +159,7 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
         raise DataError(f"{key}.id: duplicate ids {shown}", hint="each row needs its own id")
     labels, names = _labels(raw.targets, raw.ids, key, task, classes, raw.names)
     in_memory = isinstance(raw.base, torch.Tensor)
-    dataset = TensorRows(raw.base, labels) if in_memory else LabeledDataset(raw.base, labels)
+    dataset = TensorRows(raw.base, labels) if in_memory else LabeledDataset(raw.base, labels, raw.ids, key)
     extra = raw.extra if raw.extra is not None else pd.DataFrame(index=pd.RangeIndex(len(raw.ids)))
     digest = _fingerprint(raw, labels, cfg, names_of_x)
     digest.update(json.dumps([task, names], default=str).encode())
@@ -488,3 +507,8 @@ def _fingerprint(raw: Raw, labels: torch.Tensor, cfg: SplitConfig, features: tup
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED}
     digest.update(json.dumps([settings, features], sort_keys=True, default=str).encode())
     return digest
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no message"

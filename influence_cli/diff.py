@@ -24,15 +24,28 @@ def read_selfcheck(folder: Path, which: str) -> pd.DataFrame:
     path = folder / "selfcheck.csv" if folder.is_dir() else folder
     if not path.is_file():
         raise ConfigError(f"{which}: no selfcheck.csv at {path}", hint="pass the folder of an `infl selfcheck` run")
-    try:
-        table = pd.read_csv(path, dtype={"id": str, "label": str})
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{which}: cannot read {path} ({e})") from None
+    try:  # ids and labels verbatim: "NA" is an id, not a missing value
+        table = pd.read_csv(path, dtype={"id": str, "label": str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{which}: {path} is empty", hint="rerun `infl selfcheck` to write it") from None
+    except Exception as e:  # noqa: BLE001 - pandas raises many types for a damaged file; the file is the cause
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{which}: cannot read {path} as a selfcheck.csv ({type(e).__name__}: {reason})",
+                        hint="rerun `infl selfcheck` to write it") from None
     missing = NEEDED - set(table.columns)
     if missing:
         raise DataError(f"{which}: {path} lacks columns {', '.join(sorted(missing))}; is it a selfcheck.csv?")
+    if table.empty:
+        raise DataError(f"{which}: {path} has no rows", hint="rerun `infl selfcheck` to write it")
     if table["id"].duplicated().any():
         raise DataError(f"{which}: {path} has duplicate ids, e.g. {table['id'][table['id'].duplicated()].iloc[0]!r}")
+    for column in ("rank", "self_influence"):
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        if numbers.isna().any():
+            row = int(numbers.isna().to_numpy().nonzero()[0][0])
+            raise DataError(f"{which}: {path} column {column!r} is not a number at id {table['id'].iloc[row]!r}",
+                            hint="rerun `infl selfcheck` to write it")
+        table[column] = numbers
     table["flagged"] = table["flagged"].astype(str).str.lower().isin(["true", "1"])
     return table.set_index("id")
 
@@ -40,6 +53,10 @@ def read_selfcheck(folder: Path, which: str) -> pd.DataFrame:
 def diff_reports(old_dir: Path, new_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
     """(diff table, counts per status)."""
     old, new = read_selfcheck(old_dir, "OLD_DIR"), read_selfcheck(new_dir, "NEW_DIR")
+    if not old.index.intersection(new.index).size:
+        raise DataError(f"OLD_DIR and NEW_DIR have no ids in common ({len(old)} and {len(new)} rows, e.g. "
+                        f"{old.index[0]!r} and {new.index[0]!r}): they are reports of different datasets",
+                        hint="compare two selfcheck runs on the same training set")
     ids = old.index[old["flagged"]].union(new.index[new["flagged"]])
     was = old["flagged"].reindex(ids, fill_value=False).to_numpy(dtype=bool)
     now = new["flagged"].reindex(ids, fill_value=False).to_numpy(dtype=bool)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, InflError
 from .interrupts import deferred
 from .report import FILE_MODE
 from .sources import import_object
@@ -128,13 +128,55 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         hint = f"did you mean {close[0]}?" if close else f"built-ins: {', '.join(ARCHS)}"
         raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}",
                           hint=f"{hint} Or give package.module:factory")
+    if factory in ARCHS.values():
+        _check_size(factory, cfg)
     try:
         model = factory(**cfg.kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.kwargs: {e} (model.arch: {cfg.arch})", hint=_kwargs_hint(factory, cfg.kwargs)) from e
+    except (RuntimeError, MemoryError) as e:  # the allocator: "can't allocate memory", CUDA out of memory
+        if isinstance(e, RuntimeError) and not _is_allocation_failure(e):
+            raise
+        raise ConfigError(f"model.kwargs: a model of this size cannot be allocated here (model.arch: {cfg.arch}; "
+                          f"{type(e).__name__}: {_first_line(e) or 'out of memory'})",
+                          hint="make the model smaller (model.kwargs) or run on a machine with more memory") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.arch: {cfg.arch} returned a {type(model).__name__}, not a torch nn.Module")
     return model
+
+
+def _check_size(factory: Callable[..., nn.Module], cfg: ModelConfig) -> None:
+    """The memory guard: count a built-in's parameters on the meta device (nothing allocated)
+    and refuse one whose float32 weights alone exceed the memory available now."""
+    try:
+        with torch.device("meta"):
+            model = factory(**cfg.kwargs)
+    except InflError:
+        raise
+    except Exception:  # noqa: BLE001 - the real build below reports bad kwargs with their own message
+        return
+    count = sum(p.numel() for p in model.parameters())
+    need, free = 4 * count, _available_bytes()
+    if need > free:
+        raise ConfigError(f"model.kwargs: model.arch={cfg.arch} with these kwargs has {count:,} parameters "
+                          f"({need / 2**30:.1f} GiB in float32), more than the {free / 2**30:.1f} GiB of memory "
+                          "available", hint="make the model smaller (hidden, in_features, num_classes)")
+
+
+def _available_bytes() -> int:
+    from .solvers.base import available_memory
+
+    return available_memory(torch.device("cpu"))
+
+
+def _is_allocation_failure(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("allocate", "out of memory", "alloc_cpu", "not enough memory"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -158,6 +200,10 @@ def load_checkpoint(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = _not_a_checkpoint(path)
+        if found:
+            raise DataError(f"model.checkpoint: {path} is not a readable torch checkpoint: {found}",
+                            hint=_NOT_A_CHECKPOINT_HINT) from e
         if not trust_pickle:
             raise DataError(f"model.checkpoint: {path} holds a pickled Python object, not a state_dict; "
                             "loading it would run arbitrary code",
@@ -312,7 +358,52 @@ def _load(path: Path, *, weights_only: bool) -> Any:
         raise _unreadable(path, e) from e
 
 
+_NOT_A_CHECKPOINT_HINT = "point model.checkpoint at a file written by torch.save, or rerun `infl train`"
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What the file is when it is plainly not a torch checkpoint nor a pickle (read, never
+    unpickled: pickletools only parses the opcodes), else None."""
+    import pickletools
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            if not head:
+                return "the file is empty"
+            if head.startswith(b"PK\x03\x04"):
+                try:
+                    with zipfile.ZipFile(path) as z:
+                        names = z.namelist()
+                except (zipfile.BadZipFile, OSError):
+                    return "a damaged or truncated zip archive"
+                if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                    return f"a zip archive without data.pkl (holds {', '.join(names[:3]) or 'nothing'})"
+                return None
+            f.seek(0)
+            try:
+                for _ in pickletools.genops(f):
+                    pass
+                return None  # parses as a pickle: torch's own error stands
+            except Exception:  # noqa: BLE001 - anything genops rejects is not a pickle
+                pass
+    except OSError:
+        return None
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (run `git lfs pull`)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data that is neither a zip archive nor a pickle (starts {head[:8]!r})"
+    return f"the file is text (starts {text.strip().splitlines()[0][:40]!r})" if text.strip() else "the file is blank text"
+
+
 def _unreadable(path: Path, e: Exception) -> DataError:
+    found = _not_a_checkpoint(path)
+    if found:
+        return DataError(f"model.checkpoint: {path} is not a readable torch checkpoint: {found}",
+                         hint=_NOT_A_CHECKPOINT_HINT)
     return DataError(f"model.checkpoint: {path} is not a readable torch checkpoint "
                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated?'})",
                      hint="point model.checkpoint at a file written by torch.save, or rerun `infl train`")

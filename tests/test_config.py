@@ -47,6 +47,8 @@ def test_scientific_notation_strings_are_numbers(cfg_path):
     ("batch_size: true", "batch_size: expected a whole number"),
     ("batch_size: 0", "batch_size: must be > 0"),
     ("seed: 1.5", "seed: expected a whole number"),
+    ("seed: -1", "seed: must be a whole number in [0, 4294967295]"),
+    ("seed: 99999999999999999999999", "seed: must be a whole number in [0, 4294967295]"),
     ("solver: {damping: .nan}", "solver.damping: expected a finite number"),
     ("solver: {damping: -1}", "solver.damping: must be >= 0"),
     ("device: no", "device: expected text"),

@@ -501,3 +501,13 @@ def test_tensors_fingerprint_ignores_group_and_carry(tmp_path: Path) -> None:
     torch.save({"x": x + 1, "y": y}, tmp_path / "c.pt")
     assert load_split(SplitConfig(format="tensors", path=tmp_path / "c.pt"), "train",
                       "classification").fingerprint != first
+
+
+def test_corrupt_image_is_data_error_naming_the_file(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "imgs" / cls / "ok.png")
+    (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    split = load_split(SplitConfig(format="imagefolder", path=tmp_path / "imgs"), "train", "classification")
+    with pytest.raises(DataError, match=r"data\.train: cannot read image .*b/broken\.png \(row id 'b/broken\.png'"):
+        list(make_loader(split, 2))

@@ -245,3 +245,53 @@ def test_output_width_shape_error_names_both_shapes() -> None:
     with pytest.raises(DataError, match=r"output for input \(2, 3\) has shape \(2, 1, 1\)"):
         output_width(nn.Sequential(nn.Linear(3, 1), nn.Unflatten(1, (1, 1))), torch.randn(2, 3))
     assert output_width(build_model(mlp_cfg()).double(), torch.randn(2, 4)) == 3  # cast to the model's dtype
+
+
+# ---- issue 14: say what was found; allocation failures name model.kwargs
+
+
+@pytest.mark.parametrize(("content", "found"), [
+    (b"", "the file is empty"),
+    (b"hello, not a checkpoint\n", "the file is text (starts 'hello, not a checkpoint')"),
+    (b'{"weights": [1, 2]}', "the file is text"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 12\n", "a Git LFS pointer"),
+    (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "binary data that is neither a zip archive nor a pickle"),
+    ("zip", "a zip archive without data.pkl"),
+])
+def test_not_a_checkpoint_says_what_was_found(tmp_path: Path, content, found: str) -> None:
+    bad = tmp_path / "bad.pt"
+    if content == "zip":
+        import zipfile
+
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("weights/readme.txt", "x")
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_checkpoint(bad, trust_pickle=False)
+    assert found in str(e.value) and "arbitrary code" not in str(e.value) and "bad.pt" in str(e.value)
+
+
+def test_protocol_0_pickle_is_still_called_a_pickle(tmp_path: Path) -> None:
+    (tmp_path / "evil.pt").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
+    with pytest.raises(DataError, match="pickled Python object.*arbitrary code"):
+        load_checkpoint(tmp_path / "evil.pt", trust_pickle=False)
+
+
+def test_model_too_large_is_refused_before_allocation() -> None:
+    with pytest.raises(ConfigError, match=r"model\.kwargs: .*parameters.*GiB") as e:
+        build_model(ModelConfig(arch="mlp", kwargs={"in_features": 2**20, "hidden": [2**20], "num_classes": 2}))
+    assert "hidden" in str(e.value) or "model.kwargs" in str(e.value)
+
+
+def test_allocation_failure_in_a_factory_names_kwargs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "alloc_models.py").write_text(textwrap.dedent("""
+        def oom(width):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+        def mem(width):
+            raise MemoryError()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("oom", "mem"):
+        with pytest.raises(ConfigError, match=r"model\.kwargs: .*cannot be allocated .*alloc_models:" + name):
+            build_model(ModelConfig(arch=f"alloc_models:{name}", kwargs={"width": 10**9}))
