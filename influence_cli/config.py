@@ -238,7 +238,11 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", hint="pass --config PATH to a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: the config file is larger than {MAX_CONFIG_BYTES // 2**20} MiB ({size:,} bytes)",
+                              hint="is it the right file? A config is a few dozen lines")
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -257,6 +261,71 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     return dataclasses.replace(cfg, source=path.resolve())
 
 
+MAX_CONFIG_BYTES = 2**20
+MAX_VALUES = 100_000  # keys, values and items after expanding aliases (a config has a few hundred)
+MAX_DEPTH = 64  # levels of nesting (a config has about 4)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load`, refusing documents that expand (through aliases) to more than MAX_VALUES
+    nodes, nest deeper than MAX_DEPTH or refer to themselves: the node graph is measured before
+    anything is built, so an alias bomb fails in milliseconds instead of exhausting memory."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep", hint=_NESTING_HINT) from None
+        if node is None:
+            return None
+        _measure(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+_NESTING_HINT = "a config nests about 4 levels; check the file (or the --set value)"
+
+
+def _measure(root: yaml.Node, where: str) -> None:
+    """Expanded size and height of the node graph, iteratively, each shared node measured once."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = _children(node)
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            height[id(node)] = 1 + max((height[id(c)] for c in children), default=0)
+            if size[id(node)] > MAX_VALUES:
+                raise ConfigError(f"{where}: the YAML expands to more than {MAX_VALUES:,} values (aliases "
+                                  "repeating aliases?)", hint="write the config out without nested aliases")
+            if height[id(node)] > MAX_DEPTH:
+                raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep", hint=_NESTING_HINT)
+            continue
+        if id(node) in size:
+            continue
+        on_path.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                raise ConfigError(f"{where}: an alias refers to the value that contains it (line "
+                                  f"{child.start_mark.line + 1})", hint="a config cannot contain itself")
+            if id(child) not in size:
+                stack.append((child, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `dotted.key=value` (value parsed as a YAML scalar) to the raw mapping in place."""
     key, sep, text = item.partition("=")
@@ -264,7 +333,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected dotted.key=value", hint="for example --set solver.damping=0.01")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text, f"--set {key}") if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw

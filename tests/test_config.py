@@ -134,3 +134,65 @@ def test_test_split_inherits_group_carry_features(tmp_path):
                     + "  test: {format: tensors, path: train.csv}\n")
     test = load_config(path).data.test
     assert (test.carry, test.features) == (("b",), None)  # tensors have no feature columns to inherit
+
+
+# ---- issue 14: resource attacks and deep nesting fail fast with ConfigError
+
+
+@pytest.fixture()
+def alarm():
+    """Fail (instead of hanging the suite) when the block takes more than 5 s."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("config loading hung")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(5)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 12))
+
+
+def test_alias_bomb_fails_fast(cfg_path, alarm):
+    import time
+
+    cfg_path.write_text(BASE + "l0: &l0 lol\n" + BOMB)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"expands to more than .* values"):
+        load_config(cfg_path)
+    assert time.perf_counter() - start < 1.0
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x]"] + [f"&{c} [{', '.join([f'*{p}'] * 8)}]"
+                            for p, c in zip("abcdefghi", "bcdefghij", strict=True)]) + "]"
+    cfg_path.write_text(BASE)
+    with pytest.raises(ConfigError, match=r"--set .*expands to more than"):
+        load_config(cfg_path, [f"model.kwargs.x={bomb}"])
+
+
+def test_small_aliases_still_work(cfg_path):
+    cfg_path.write_text(BASE + "solver: {damping: &d 0.01}\nweight_decay: *d\n")
+    assert load_config(cfg_path).weight_decay == 0.01
+
+
+@pytest.mark.parametrize("text", ["x: " + "[" * 5000 + "]" * 5000 + "\n",
+                                  "".join("  " * i + f"k{i}:\n" for i in range(600)) + "  " * 600 + "v\n",
+                                  "x: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n"])
+def test_deeply_nested_config_is_config_error(cfg_path, alarm, text):
+    cfg_path.write_text(BASE + text)
+    with pytest.raises(ConfigError, match=r"nested more than \d+ levels deep|not valid YAML"):
+        load_config(cfg_path)
+
+
+def test_huge_config_file_is_refused(cfg_path, alarm):
+    cfg_path.write_text(BASE + "# " + "x" * (2 * 2**20) + "\n")
+    with pytest.raises(ConfigError, match=r"larger than 1 MiB"):
+        load_config(cfg_path)
+
+
+def test_self_referring_alias_is_config_error(cfg_path, alarm):
+    cfg_path.write_text(BASE + "x: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match="refers to the value that contains it"):
+        load_config(cfg_path)
