@@ -27,6 +27,9 @@ from rich.table import Table
 
 from . import report
 from .commands.check import check as check_command
+from .commands.fix import FixOptions
+from .commands.fix import fix as fix_command
+from .commands.fixcheck import FixCheckOptions, fix_check
 from .commands.rank import RankOptions
 from .commands.rank import rank as rank_command
 from .commands.selfcheck import RANK_BY, SelfcheckOptions
@@ -36,7 +39,7 @@ from .commands.verify import VerifyOptions
 from .commands.verify import verify as verify_command
 from .config import Config, load_config
 from .diff import diff_reports
-from .errors import InflError
+from .errors import ConfigError, InflError
 from .run import ProgressFn, Report, Run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -89,6 +92,8 @@ class _Stdout:
 
 
 _STDOUT = _Stdout()
+NUMERIC_COLUMNS = {"rank", "self_influence", "suspicion", "loss", "prob_label", "loss_change_if_removed", "rows",
+                   "flagged", "estimated_error_rate", "mean_suspicion"}
 _jsonable = getattr(report, "jsonable", None) or report._jsonable  # TEMPORARY shim
 
 
@@ -186,8 +191,7 @@ class _UI:
     def table(self, title: str, frame: Any, columns: list[str], rows: int) -> None:
         table = Table(title=title, title_justify="left")
         for c in columns:
-            table.add_column(c, justify="right" if c in ("rank", "self_influence", "loss", "prob_label",
-                                                        "loss_change_if_removed") else "left")
+            table.add_column(c, justify="right" if c in NUMERIC_COLUMNS else "left")
         for _, row in frame.head(rows).iterrows():
             table.add_row(*[_fmt(row[c]) for c in columns])
         self.out.print(table)
@@ -246,14 +250,17 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               fail_above: Annotated[float | None, typer.Option(
                   min=0.0, max=1.0, help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None,
               rank_by: Annotated[str, typer.Option(help=f"Sort order: {' | '.join(RANK_BY)}.")] = "self_influence",
-              damping_sweep: SweepOpt = False, no_cache: NoCacheOpt = False) -> None:
-    """Self-influence of every training example; flags likely label errors (selfcheck.csv).
+              damping_sweep: SweepOpt = False, no_cache: NoCacheOpt = False,
+              group_by: Annotated[str | None, typer.Option(
+                  help="Training column naming each row's group (default data.train.group);"
+                       " writes selfcheck_groups.csv.")] = None) -> None:
+    """Self-influence of every training example; flags likely label errors (selfcheck.csv, classes.csv).
 
     Example: infl selfcheck -c configs/digits.yaml --top 20 --fail-above 0.15
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep)
+        options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by)
         cfg = _load(config, set_, out, no_cache=no_cache)
         with ui.progress() as progress:
             result = selfcheck_command(Run.open(cfg, "selfcheck", progress), options)
@@ -264,6 +271,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         if ui.show:
             ui.table("most self-influential training examples", result.tables["selfcheck.csv"],
                      ["rank", "id", "label", "predicted", "prob_label", "self_influence", "flagged"], top)
+            _health_tables(ui, result.tables)
             ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); wrote {files[0]}")
             _sweep_lines(ui, s)
             _cache_line(ui, s)
@@ -320,27 +328,91 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
            test_ids: TestIdsOpt = None,
            groups: Annotated[bool, typer.Option(help="Also retrain without each group (data.train.group).")] = False,
            group_by: Annotated[str | None, typer.Option(help="Group column for --groups.")] = None,
-           workers: Annotated[int, typer.Option(min=1, help="Retrain in this many processes (CPU, Linux).")] = 1
+           workers: Annotated[int, typer.Option(min=1, help="Retrain in this many processes (CPU, Linux).")] = 1,
+           fix: Annotated[Path | None, typer.Option(
+               "--fix", help="fixes.csv from `infl fix`: retrain with those labels fixed; test loss and accuracy"
+                             " before and after (instead of the leave-one-out check).")] = None,
+           remove: Annotated[bool, typer.Option(help="With --fix: retrain without the fixed rows instead.")] = False,
+           min_gain: Annotated[float | None, typer.Option(
+               min=-1.0, max=1.0, help="With --fix: exit 1 when test accuracy gains less than this.")] = None,
            ) -> None:
     """Leave-one-out retraining on a sample: how well predicted loss changes match actual ones (verify.csv).
 
+    With --fix: does applying the fixes help (fix_verify.csv)?
     Example: infl verify -c configs/digits.yaml --samples 20 --min-pearson 0.9
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
-        options = VerifyOptions(samples=samples, test_ids=_split_ids(test_ids), groups=groups, group_by=group_by,
-                                workers=workers)
+        if fix is None and (remove or min_gain is not None):
+            raise ConfigError("--remove and --min-gain go with --fix FILE", hint="infl fix writes fixes.csv")
         cfg = _load(config, set_, cache=False)
         with ui.progress() as progress:
-            result = verify_command(Run.open(cfg, "verify", progress, need_test=True), options)
+            run = Run.open(cfg, "verify", progress, need_test=True)
+            result = (fix_check(run, FixCheckOptions(fix, remove, tuple(_split_ids(test_ids) or ()) or None))
+                      if fix is not None else
+                      verify_command(run, VerifyOptions(samples=samples, test_ids=_split_ids(test_ids), groups=groups,
+                                                        group_by=group_by, workers=workers)))
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         s = result.summary
-        breached = min_pearson is not None and not (s["pearson"] >= min_pearson)
+        breached = (fix is None and min_pearson is not None and not (s["pearson"] >= min_pearson)) or (
+            fix is not None and min_gain is not None and not (s["accuracy_gain"] >= min_gain))
         ui.finish(result, files, {"threshold_breached": breached})
         if ui.show:
-            _verify_lines(ui, s, files)
-        _threshold(ui, breached, f"Pearson {s['pearson']:.4f} < --min-pearson {min_pearson}")
+            (_fix_lines if fix is not None else _verify_lines)(ui, s, files)
+        if fix is None:
+            _threshold(ui, breached, f"Pearson {s['pearson']:.4f} < --min-pearson {min_pearson}")
+        else:
+            _threshold(ui, breached, f"accuracy gain {s['accuracy_gain']:.4f} < --min-gain {min_gain}")
     raise typer.Exit(1 if breached else 0)
+
+
+def _fix_lines(ui: _UI, s: dict[str, Any], files: list[Path]) -> None:
+    ci = s["accuracy_gain_ci95"]
+    interval = f"95% CI {ci[0]:+.4f}..{ci[1]:+.4f}" if ci else "no 95% CI: too few test rows"
+    ui.out.print(f"{s['mode']} {s['fixes']} rows, retrained: test accuracy {s['accuracy_before']:.4f} ->"
+                 f" {s['accuracy_after']:.4f} ({s['accuracy_gain']:+.4f}, {interval}); test loss"
+                 f" {s['test_loss_before']:.4f} -> {s['test_loss_after']:.4f}")
+    ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+@app.command("fix")
+def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+         as_json: JsonOpt = False, debug: DebugOpt = False,
+         top: Annotated[int | None, typer.Option(min=1, help="Fix the first K rows of selfcheck.csv.")] = None,
+         flagged: Annotated[bool, typer.Option(help="Fix the flagged rows.")] = False,
+         accept: Annotated[Path | None, typer.Option(
+             help="An edited selfcheck.csv: fix the rows whose accept column is 1/true/yes (a new_label column"
+                  " overrides the suggestion).")] = None,
+         copy_images: Annotated[bool, typer.Option(help="imagefolder: also write a corrected copy of the tree.")]
+         = False) -> None:
+    """Apply the suggested labels to chosen suspects, in a corrected copy of the training data (fixes.csv).
+
+    Reads selfcheck.csv in the report folder; the original data is never touched.
+    Example: infl fix -c configs/digits.yaml --flagged && infl verify -c configs/digits.yaml --fix reports/digits/fixes.csv
+    """
+    ui = _UI(quiet, as_json)
+    with _run_command(debug):
+        options = FixOptions(top=top, flagged=flagged, accept=accept, copy_images=copy_images)
+        cfg = _load(config, set_, cache=False)
+        folder = _out_dir(cfg, out)
+        result, extra = fix_command(cfg, folder, options)
+        files = report.write_atomic(folder, result.tables, None, extra=extra)
+        ui.finish(result, files)
+        if ui.show:
+            ui.table("label fixes", result.tables["fixes.csv"], ["id", "label", "new_label", "suspicion"], 20)
+            ui.out.print(f"fixed {result.summary['fixed']} labels; wrote {', '.join(str(f) for f in files)}")
+    raise typer.Exit(0)
+
+
+def _health_tables(ui: _UI, tables: dict[str, Any], rows: int = 12) -> None:
+    """classes.csv and selfcheck_groups.csv as short tables, the worst first."""
+    for name, title in (("classes.csv", "classes"), ("selfcheck_groups.csv", "groups")):
+        frame = tables.get(name)
+        if frame is None:
+            continue
+        worst = frame.sort_values("estimated_error_rate", ascending=False, kind="stable")
+        more = f" (worst {rows} of {len(frame)})" if len(frame) > rows else ""
+        ui.table(f"{title}: estimated error rate{more}", worst, list(frame.columns), rows)
 
 
 def _verify_lines(ui: _UI, s: dict[str, Any], files: list[Path]) -> None:

@@ -436,3 +436,16 @@ def test_damping_sweep_keeps_the_commands_options(capsys, cfg, tmp_path):
     code, out, _ = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--knn", "5", "--damping-sweep",
                        "--test-ids", "d0022")
     assert code == 0 and "damping sweep of loss_change_if_removed" in out
+
+
+def test_selfcheck_writes_class_and_group_health(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--group-by", "source")
+    assert code == 0, err
+    classes = pd.read_csv(tmp_path / "classes.csv")
+    assert list(classes.columns) == ["label", "rows", "flagged", "estimated_error_rate", "top_suggested_label"]
+    report = pd.read_csv(tmp_path / "selfcheck.csv")
+    assert classes.rows.sum() == len(report) and classes.flagged.sum() == report.flagged.sum()
+    groups = pd.read_csv(tmp_path / "selfcheck_groups.csv")
+    assert list(groups.columns) == ["group", "rows", "flagged", "estimated_error_rate", "mean_suspicion"]
+    assert groups.rows.sum() == len(report) and set(groups.group) == set(report.source)
+    assert "classes: estimated error rate" in out and "groups: estimated error rate" in out

@@ -18,6 +18,7 @@ from .._shim import RowScorer
 from ..cache import content_key
 from ..errors import ConfigError
 from ..gradients import GradientSource
+from ..health import class_table, group_table
 from ..run import PhaseFn, Report, Run
 from ..scores import flag_rows, self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
@@ -32,6 +33,7 @@ NEWTON_LOO_MAX = (64, 50_000)  # Newton LOO needs C half-solves per row: only up
 class SelfcheckOptions:
     rank_by: str = "self_influence"
     damping_sweep: bool = False
+    group_by: str | None = None
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_BY:
@@ -83,7 +85,16 @@ def score(run: Run, options: SelfcheckOptions) -> tuple[dict[str, Any], dict[str
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
     summary["cache"] = {"fit_reused": run.fit_reused, "shards": rows["shards"], "shards_reused": rows["reused"]}
-    return {"selfcheck.csv": table}, summary
+    tables = {"selfcheck.csv": table}
+    if classification:
+        tables["classes.csv"] = class_table(train.label_names(train.labels), flagged, suggested, None)
+    groups = run.group_rows(options.group_by)
+    if groups is not None:
+        names = np.empty(n, dtype=object)
+        for name, members in groups.items():
+            names[members] = name
+        tables["selfcheck_groups.csv"] = group_table(names, flagged, si, None)
+    return tables, summary
 
 
 def _scored_rows(run: Run) -> dict[str, Any]:
