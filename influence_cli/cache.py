@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from typing import Any
 
 import torch
 
+from .files import write_atomic_bytes
 from .interrupts import deferred
-from .report import FILE_MODE
 
 MAGIC = b"INFLCACHE1 "
 TRAILER = len(MAGIC) + 64 + 1  # after the torch.save payload: magic, sha256 hex of the payload, newline
@@ -97,27 +96,21 @@ class Cache:
         if self.root is None:
             return
         path = self.root / f"{name}.pt"
-        tmp = None
+
+        def write(f: Any) -> None:
+            sink = _Hashing(f)  # streamed: a gigabyte Hessian factor is never copied in memory
+            torch.save(dict(value), sink)
+            f.write(MAGIC + sink.digest.hexdigest().encode() + b"\n")
+
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.fchmod(fd, FILE_MODE)
-            with deferred():  # Ctrl-C / SIGTERM wait until the entry is whole and in place
-                with os.fdopen(fd, "wb") as f:
-                    sink = _Hashing(f)  # streamed: a gigabyte Hessian factor is never copied in memory
-                    torch.save(dict(value), sink)
-                    f.write(MAGIC + sink.digest.hexdigest().encode() + b"\n")
-                    # no fsync: a kill never loses written data, and what a power cut could (a short
-                    # or zeroed file under the final name) fails the checksum and is recomputed
-                os.replace(tmp, path)
-                tmp = None
-                self.stats.writes.append(name)
+            # no fsync: a kill never loses written data, and what a power cut could (a short or
+            # zeroed file under the final name) fails the checksum and is recomputed
+            write_atomic_bytes(path, write, fsync=False)
         except OSError as e:
             self._off(f"cannot write {path} ({e.strerror})")
             return
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+        self.stats.writes.append(name)
 
     def cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """(value, reused): the stored value, or compute() stored now."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
-import os
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping
 from itertools import pairwise
 from pathlib import Path
@@ -24,8 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError, DataError, InflError
-from .interrupts import deferred
-from .report import FILE_MODE
+from .files import write_atomic_bytes
 from .sources import import_object
 
 _KEYS_SHOWN = 5
@@ -237,22 +234,11 @@ def load_checkpoint(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Write the state_dict (on cpu) atomically: temp file in the same folder, fsync, os.replace."""
+    """Write the state_dict (on cpu) atomically (files.write_atomic_bytes: temp file, fsync, os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
-    try:
-        with deferred():  # Ctrl-C / SIGTERM wait until the whole file is in place
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_bytes(path, lambda f: torch.save(state, f))
 
 
 def sha256_file(path: Path) -> str:
