@@ -1,8 +1,10 @@
 """Results -> tables in SPEC column order, and atomic writing of a report folder.
 
-A report is written all or nothing: every file goes to a temp file in the output folder first
-(fsync'd); only when all are written are they moved into place with os.replace, manifest last.
-A failed or killed run leaves the previous report untouched and no temp file behind.
+A report is one run's set of files, swapped in whole: every file is written (fsync'd) into a
+stage folder inside the output folder, then moved into place with os.replace, manifests last,
+while the files they replace are kept aside; the previous run's files of the same command that
+this run does not write are removed in the same swap. Any failure puts the previous set back, so
+the folder holds the old set or the new one, and no temp file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,18 +27,14 @@ import pandas as pd
 import torch
 
 from .errors import ConfigError
+from .files import FILE_MODE, fsync_dir, write_atomic_bytes
+from .interrupts import deferred
+
+__all__ = ["FILE_MODE", "jsonable", "write_atomic"]  # FILE_MODE: kept here for older importers (now in files)
 
 FLOAT_FORMAT = "%.9g"
 
 
-def _file_mode() -> int:
-    """0666 minus the umask: what a plain `open(..., "w")` would have given."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-FILE_MODE = _file_mode()
 SELFCHECK_COLUMNS = ["rank", "id", "label", "predicted", "prob_label", "loss", "self_influence", "flagged",
                      "suggested_label"]
 PAIR_COLUMNS = ["test_id", "test_label", "rank", "train_id", "train_label", "loss_change_if_removed"]
@@ -86,21 +85,51 @@ def selfcheck_table(ids: Sequence[str], labels: Sequence[Any], predicted: Sequen
     return with_extra(table, extra, order)
 
 
-def write_atomic(out_dir: Path, tables: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any] | None) -> list[Path]:
-    """Write CSVs and manifest.json (unless None) into out_dir all-or-nothing. Returns the final paths.
-    Concurrent writers to one folder take turns (an exclusive flock on the folder), so a report is
-    never a mix of two runs: the later run's files replace the earlier run's as a whole."""
+INDEX = ".infl-report.json"  # {command: [file names its last run wrote]}
+STAGE_PREFIX = ".infl-stage-"
+PLAN = ".plan.json"
+# a command's new run also retires these commands' files (they were computed from its old files)
+INVALIDATES = {"selfcheck": ("diff", "fix", "report"), "rank": ("report",), "verify": ("report",)}
+Payload = pd.DataFrame | str | bytes
+
+
+def write_atomic(out_dir: Path, tables: Mapping[str, Payload], manifest: Mapping[str, Any] | None, *,
+                 command: str | None = None) -> list[Path]:
+    """Write one run's report into out_dir all-or-nothing and return the final paths.
+
+    `tables`: file name -> DataFrame (CSV), str or bytes (HTML, PNG). With a manifest, it is
+    written as `manifest.json` (the folder's latest run) and as `<command>.manifest.json` (this
+    command's, kept when another command writes the folder). `command` defaults to
+    manifest["command"]; when known, the files this command's previous run wrote and this run
+    does not (and those of the commands it INVALIDATES) are removed in the same swap, as recorded
+    in the folder's `.infl-report.json`. Every file is written into a stage folder inside out_dir
+    first, then swapped in with os.replace; a failure at any step puts the previous files back, so
+    the folder holds the old set or the new one. Concurrent writers take turns (flock)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output folder {out_dir}: cannot create it ({e.strerror})",
                           hint="pass --out DIR to a writable folder") from None
-    payloads = {name: table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
-                for name, table in tables.items()}
+    command = command or (str(manifest["command"]) if manifest and manifest.get("command") else None)
+    payloads = {name: _encode(value) for name, value in tables.items()}
     if manifest is not None:
-        payloads["manifest.json"] = json.dumps(_jsonable(manifest), indent=2, sort_keys=True) + "\n"
+        text = (json.dumps(jsonable(manifest), indent=2, sort_keys=True) + "\n").encode()
+        payloads["manifest.json"] = text
+        if command:
+            payloads[f"{command}.manifest.json"] = text
     with _folder_lock(out_dir):
-        return _stage_and_replace(out_dir, payloads)
+        try:
+            return _swap_in(out_dir, payloads, command)
+        except OSError as e:
+            raise ConfigError(f"output folder {out_dir}: cannot write the report ({e.strerror or e}); the "
+                              "previous report is unchanged", hint="check free space and permissions, or pass "
+                              "--out DIR") from None
+
+
+def _encode(value: Payload) -> bytes:
+    if isinstance(value, pd.DataFrame):
+        return value.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode()
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 @contextmanager
@@ -114,28 +143,109 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _stage_and_replace(out_dir: Path, payloads: Mapping[str, str]) -> list[Path]:
-    staged: list[tuple[Path, Path]] = []
+def _swap_in(out_dir: Path, payloads: Mapping[str, bytes], command: str | None) -> list[Path]:
+    """Stage, then swap: new files in (manifests last), stale ones out, the index last of all."""
+    for leftover in out_dir.glob(f"{STAGE_PREFIX}*"):
+        _recover(out_dir, leftover)  # a run killed with SIGKILL mid-swap: put its old files back
+    index, stale = _plan(out_dir, list(payloads), command)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out_dir))
     try:
-        for name, text in payloads.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-            staged.append((Path(tmp), out_dir / name))
-            os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide the report from the rest of a team
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    except BaseException as e:  # also Ctrl-C / SIGTERM mid-write: no temp file stays behind
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ConfigError(f"output folder {out_dir}: cannot write the report ({e.strerror})",
-                              hint="check free space and permissions, or pass --out DIR") from None
-        raise
-    _fsync_dir(out_dir)
-    return [final for _, final in staged]
+        order = sorted(payloads, key=lambda n: n.endswith("manifest.json"))
+        for name in order:
+            write_atomic_bytes(stage / name, payloads[name])
+        if index is not None:
+            write_atomic_bytes(stage / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
+        swapped = [*order, *stale, *([INDEX] if index is not None else [])]
+        plan = {"new": [n for n in swapped if n not in stale], "stale": stale}
+        write_atomic_bytes(stage / PLAN, json.dumps(plan))  # what _recover undoes after a SIGKILL
+        (stage / ".old").mkdir()
+        with deferred():  # Ctrl-C / SIGTERM wait for the swap (microseconds) to finish or roll back
+            done: list[tuple[str, bool]] = []  # (name, had a previous file)
+            try:
+                for name in swapped:
+                    done.append((name, _swap_one(out_dir, stage, name, name in stale)))
+            except BaseException:
+                _roll_back(out_dir, stage, done, stale)
+                raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    fsync_dir(out_dir)
+    return [out_dir / name for name in payloads]
+
+
+def _swap_one(out_dir: Path, stage: Path, name: str, remove: bool) -> bool:
+    """Keep the previous file (a hard link in stage/.old), then replace or remove it."""
+    final, backup = out_dir / name, stage / ".old" / name
+    had = final.is_file() and not final.is_symlink()
+    if remove:
+        if had:
+            os.replace(final, backup)
+        return had
+    if had:
+        try:
+            os.link(final, backup)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(final, backup)
+    os.replace(stage / name, final)
+    return had
+
+
+def _roll_back(out_dir: Path, stage: Path, done: list[tuple[str, bool]], stale: list[str]) -> None:
+    for name, had in reversed(done):
+        final, backup = out_dir / name, stage / ".old" / name
+        try:
+            if had:
+                os.replace(backup, final)
+            elif name not in stale:
+                final.unlink(missing_ok=True)
+        except OSError:
+            pass  # best effort; the error that stopped the swap is what gets reported
+
+
+def _plan(out_dir: Path, names: list[str], command: str | None) -> tuple[dict[str, list[str]] | None, list[str]]:
+    """(the new index, the files to remove). Without a command: (None, []), the files alone."""
+    if command is None:
+        return None, []
+    try:
+        loaded = json.loads((out_dir / INDEX).read_text(encoding="utf-8"))
+        index = {str(k): [str(n) for n in v] for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        index = {}
+    retired = [command, *INVALIDATES.get(command, ())]
+    candidates = {n for c in retired for n in index.get(c, [])} - set(names)
+    for c in retired:
+        index.pop(c, None)
+    index = {c: [n for n in files if n not in names] for c, files in index.items()}  # overwritten: now ours
+    claimed = {n for files in index.values() for n in files}
+    index[command] = sorted(names)
+    stale = sorted(n for n in candidates - claimed if _plain_name(n))
+    return index, stale
+
+
+def _plain_name(name: str) -> bool:
+    """Only a file directly in the folder is ever removed (the index is data from disk)."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..", INDEX)
+
+
+def _recover(out_dir: Path, stage: Path) -> None:
+    """Undo what a swap killed midway (SIGKILL, power loss) did, then drop its stage: files it
+    moved in without a previous version go, previous versions kept in stage/.old come back."""
+    try:
+        plan = json.loads((stage / PLAN).read_text(encoding="utf-8"))
+        new, stale = [str(n) for n in plan["new"]], [str(n) for n in plan["stale"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        new, stale = [], []  # killed while staging: nothing in out_dir was touched
+    old = stage / ".old"
+    for name in (n for n in [*new, *stale] if (_plain_name(n) or n == INDEX) and old.is_dir()):
+        backup = old / name
+        try:
+            if backup.is_file():
+                os.replace(backup, out_dir / name)
+            elif name in new and not (stage / name).exists() and (out_dir / name).is_file():
+                (out_dir / name).unlink()  # moved in by the killed run, with no previous version
+        except OSError:
+            pass
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def environment() -> dict[str, Any]:
@@ -157,24 +267,13 @@ def peak_memory() -> dict[str, int]:
     return peak
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A manifest or summary as plain JSON types: numpy numbers as Python numbers, paths as text,
+    non-finite floats as the strings "nan"/"inf"."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
@@ -184,3 +283,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return str(value)
     return value
+
+
+_jsonable = jsonable  # the old private name, still imported by cli.py
