@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -25,26 +25,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import report
-from .commands.check import check as check_command
-from .commands.fix import FixOptions
-from .commands.fix import fix as fix_command
-from .commands.fixcheck import FixCheckOptions, fix_check
-from .commands.rank import RankOptions
-from .commands.rank import rank as rank_command
-from .commands.selfcheck import RANK_BY, SelfcheckOptions
-from .commands.selfcheck import selfcheck as selfcheck_command
-from .commands.train import train as train_command
-from .commands.verify import VerifyOptions
-from .commands.verify import verify as verify_command
 from .config import Config, load_config
-from .diff import diff_reports
 from .errors import ConfigError, InflError
-from .run import ProgressFn, Report, Run
+
+if TYPE_CHECKING:  # the library imports torch (seconds): commands import it when they run, so --help is instant
+    from .run import ProgressFn, Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
                   "training rows and the rows that help or hurt test predictions.")
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"infl {version('influence-cli')}")
+        except PackageNotFoundError:
+            print("infl (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Influence functions for dataset debugging: find mislabeled training rows and the rows that help or hurt
+    test predictions. Run a command with --help for its options and an example."""
+
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: output.dir).")]
@@ -94,7 +101,6 @@ class _Stdout:
 _STDOUT = _Stdout()
 NUMERIC_COLUMNS = {"rank", "self_influence", "suspicion", "loss", "prob_label", "loss_change_if_removed", "rows",
                    "flagged", "estimated_error_rate", "mean_suspicion"}
-_jsonable = getattr(report, "jsonable", None) or report._jsonable  # TEMPORARY shim
 
 
 def _stderr() -> Console:
@@ -181,7 +187,10 @@ class _UI:
                 self.err.print(f"warning: {w}")
         if self.as_json:
             doc = {**result.summary, **(extra or {}), "files": [str(f) for f in files], "warnings": result.warnings}
-            _STDOUT.write(json.dumps(_jsonable(doc), indent=2, sort_keys=True) + "\n")
+            from . import report
+
+            jsonable = getattr(report, "jsonable", None) or report._jsonable  # TEMPORARY shim
+            _STDOUT.write(json.dumps(jsonable(doc), indent=2, sort_keys=True) + "\n")
             _STDOUT.flush()
 
     @property
@@ -249,7 +258,8 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               as_json: JsonOpt = False, debug: DebugOpt = False, top: TopOpt = 10,
               fail_above: Annotated[float | None, typer.Option(
                   min=0.0, max=1.0, help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None,
-              rank_by: Annotated[str, typer.Option(help=f"Sort order: {' | '.join(RANK_BY)}.")] = "self_influence",
+              rank_by: Annotated[str, typer.Option(help="Sort order: self_influence | loo_loss | loss.")]
+              = "self_influence",
               damping_sweep: SweepOpt = False, no_cache: NoCacheOpt = False,
               group_by: Annotated[str | None, typer.Option(
                   help="Training column naming each row's group (default data.train.group);"
@@ -260,6 +270,11 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
+        from . import report
+        from .commands.selfcheck import SelfcheckOptions
+        from .commands.selfcheck import selfcheck as selfcheck_command
+        from .run import Run
+
         options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by)
         cfg = _load(config, set_, out, no_cache=no_cache)
         with ui.progress() as progress:
@@ -300,6 +315,11 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
+        from . import report
+        from .commands.rank import RankOptions
+        from .commands.rank import rank as rank_command
+        from .run import Run
+
         options = RankOptions(top=top, test_ids=_split_ids(test_ids), group_by=group_by, knn=knn,
                               knn_metric=knn_metric, damping_sweep=damping_sweep)
         cfg = _load(config, set_, out, no_cache=no_cache)
@@ -343,6 +363,12 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
+        from . import report
+        from .commands.fixcheck import FixCheckOptions, fix_check
+        from .commands.verify import VerifyOptions
+        from .commands.verify import verify as verify_command
+        from .run import Run
+
         if fix is None and (remove or min_gain is not None):
             raise ConfigError("--remove and --min-gain go with --fix FILE", hint="infl fix writes fixes.csv")
         cfg = _load(config, set_, cache=False)
@@ -392,6 +418,10 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
+        from . import report
+        from .commands.fix import FixOptions
+        from .commands.fix import fix as fix_command
+
         options = FixOptions(top=top, flagged=flagged, accept=accept, copy_images=copy_images)
         cfg = _load(config, set_, cache=False)
         folder = _out_dir(cfg, out)
@@ -453,6 +483,10 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
+        from . import report
+        from .diff import diff_reports
+        from .run import Report
+
         frame, counts = diff_reports(old_dir, new_dir)
         target = (out or (new_dir if new_dir.is_dir() else new_dir.parent)).resolve()
         files = report.write_atomic(target, {"diff.csv": frame}, None)  # never touch NEW_DIR's manifest
@@ -477,6 +511,9 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
+        from .commands.train import train as train_command
+        from .run import Run
+
         cfg = _load(config, set_, cache=False)
         with ui.progress() as progress:
             result = train_command(Run.open(cfg, "train", progress, fresh_model=True))
@@ -499,6 +536,9 @@ def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     """
     ui = _UI(quiet, as_json)
     with _run_command(debug):
+        from .commands.check import check as check_command
+        from .run import Run
+
         cfg = _load(config, set_, out)
         result = check_command(Run.open(cfg, "check", need_test=cfg.data.test is not None))
         ui.finish(result, [])

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from influence_cli import cli
+from influence_cli.commands import selfcheck as selfcheck_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SELFCHECK_HEADER = "rank,id,label,predicted,prob_label,loss,self_influence,flagged,suggested_label"
@@ -212,14 +213,14 @@ def test_internal_error_is_exit_4_and_interrupt_130(capsys, cfg, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli, "selfcheck_command", boom)
+    monkeypatch.setattr(selfcheck_module, "selfcheck", boom)
     code, _, err = run(capsys, "selfcheck", "-c", cfg)
     assert code == 4 and "internal error" in err and "--debug" in err and "Traceback" not in err
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "selfcheck_command", interrupt)
+    monkeypatch.setattr(selfcheck_module, "selfcheck", interrupt)
     assert run(capsys, "selfcheck", "-c", cfg)[0] == 130
 
     def signal_swallowed_by_cpp(*a, **k):
@@ -228,11 +229,11 @@ def test_internal_error_is_exit_4_and_interrupt_130(capsys, cfg, monkeypatch):
         except KeyboardInterrupt as e:
             raise RuntimeError("unexpected pos 25728 vs 25680") from e  # ...which torch's C++ rewraps
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(cli, "selfcheck_command", signal_swallowed_by_cpp)
+    monkeypatch.setattr(selfcheck_module, "selfcheck", signal_swallowed_by_cpp)
     code, _, err = run(capsys, "selfcheck", "-c", cfg)
     assert code == 130 and err.startswith("error: interrupted"), err
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
-    monkeypatch.setattr(cli, "selfcheck_command", boom)
+    monkeypatch.setattr(selfcheck_module, "selfcheck", boom)
     assert run(capsys, "selfcheck", "-c", cfg)[0] == 4  # the next command starts with no interruption noted
 
 
@@ -449,3 +450,15 @@ def test_selfcheck_writes_class_and_group_health(capsys, cfg, tmp_path):
     assert list(groups.columns) == ["group", "rows", "flagged", "estimated_error_rate", "mean_suspicion"]
     assert groups.rows.sum() == len(report) and set(groups.group) == set(report.source)
     assert "classes: estimated error rate" in out and "groups: estimated error rate" in out
+
+
+def test_help_and_version_answer_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from influence_cli.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch imported for --version'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("infl ")
