@@ -189,8 +189,7 @@ class _UI:
             doc = {**result.summary, **(extra or {}), "files": [str(f) for f in files], "warnings": result.warnings}
             from . import report
 
-            jsonable = getattr(report, "jsonable", None) or report._jsonable  # TEMPORARY shim
-            _STDOUT.write(json.dumps(jsonable(doc), indent=2, sort_keys=True) + "\n")
+            _STDOUT.write(json.dumps(report.jsonable(doc), indent=2, sort_keys=True) + "\n")
             _STDOUT.flush()
 
     @property
@@ -426,7 +425,7 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
         cfg = _load(config, set_, cache=False)
         folder = _out_dir(cfg, out)
         result, extra = fix_command(cfg, folder, options)
-        files = report.write_atomic(folder, result.tables, None, extra=extra)
+        files = report.write_atomic(folder, {**result.tables, **extra}, result.manifest)
         ui.finish(result, files)
         if ui.show:
             ui.table("label fixes", result.tables["fixes.csv"], ["id", "label", "new_label", "suspicion"], 20)
