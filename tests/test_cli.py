@@ -171,7 +171,8 @@ def test_bad_input_exit_codes_leave_report_untouched(capsys, cfg, tmp_path, over
     assert err.startswith("error: ") and needle in err and "Traceback" not in err and out == ""
     assert len(err.strip().splitlines()) <= 2
     assert (tmp_path / "selfcheck.csv").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".infl-cache") == ["manifest.json", "selfcheck.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".infl-cache") == [
+        ".infl-report.json", "classes.csv", "manifest.json", "selfcheck.csv", "selfcheck.manifest.json"]
 
 
 @pytest.mark.parametrize("kind", ["text_feature", "nan_feature", "empty", "label_out_of_range"])
