@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .commands.check import check as _check
-from .commands.rank import RankOptions
-from .commands.rank import rank as _rank
-from .commands.selfcheck import SelfcheckOptions
-from .commands.selfcheck import selfcheck as _selfcheck
-from .commands.train import train as _train
-from .commands.verify import VerifyOptions
-from .commands.verify import verify as _verify
+from .commands import check as check_cmd
+from .commands import rank as rank_cmd
+from .commands import selfcheck as selfcheck_cmd
+from .commands import train as train_cmd
+from .commands import verify as verify_cmd
 from .config import Config
 from .run import ProgressFn, Report, Run
 
@@ -26,20 +23,20 @@ def open_run(cfg: Config, command: str = "selfcheck", *, need_test: bool = False
 
 
 def selfcheck(cfg: Config, progress: ProgressFn | None = None, **options: Any) -> Report:
-    return _selfcheck(Run.open(cfg, "selfcheck", progress), SelfcheckOptions(**options))
+    return selfcheck_cmd.selfcheck(Run.open(cfg, "selfcheck", progress), selfcheck_cmd.SelfcheckOptions(**options))
 
 
 def rank(cfg: Config, progress: ProgressFn | None = None, **options: Any) -> Report:
-    return _rank(Run.open(cfg, "rank", progress, need_test=True), RankOptions(**options))
+    return rank_cmd.rank(Run.open(cfg, "rank", progress, need_test=True), rank_cmd.RankOptions(**options))
 
 
 def verify(cfg: Config, progress: ProgressFn | None = None, **options: Any) -> Report:
-    return _verify(Run.open(cfg, "verify", progress, need_test=True), VerifyOptions(**options))
+    return verify_cmd.verify(Run.open(cfg, "verify", progress, need_test=True), verify_cmd.VerifyOptions(**options))
 
 
 def train(cfg: Config, progress: ProgressFn | None = None) -> Report:
-    return _train(Run.open(cfg, "train", progress, fresh_model=True))
+    return train_cmd.train(Run.open(cfg, "train", progress, fresh_model=True))
 
 
 def check(cfg: Config) -> Report:
-    return _check(Run.open(cfg, "check", need_test=cfg.data.test is not None))
+    return check_cmd.check(Run.open(cfg, "check", need_test=cfg.data.test is not None))
