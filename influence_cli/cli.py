@@ -7,9 +7,6 @@ config, 3 unusable data or model, 4 internal error, 130 interrupted.
 
 from __future__ import annotations
 
-import errno
-import json
-import os
 import signal
 import sys
 import threading
@@ -20,16 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
+from . import render
 from .config import Config, load_config
 from .errors import ConfigError, InflError
 
 if TYPE_CHECKING:  # the library imports torch (seconds): commands import it when they run, so --help is instant
-    from .run import ProgressFn, Report
+    pass
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
@@ -63,50 +57,6 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache (cache.dir) this run.")]
 
 
-class _Stdout:
-    """sys.stdout that goes quiet when the reader closes the pipe (`infl selfcheck | head -1`): the
-    rest of the output is dropped and the command keeps its own exit code (0, or 1 for a breached
-    threshold), as Unix filters do, instead of a traceback or a misleading exit code."""
-
-    closed_by_reader = False
-
-    def write(self, text: str) -> int:
-        if not self.closed_by_reader:
-            try:
-                sys.stdout.write(text)
-            except OSError as e:
-                self._closed(e)
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.closed_by_reader:
-            try:
-                sys.stdout.flush()
-            except OSError as e:
-                self._closed(e)
-
-    def isatty(self) -> bool:
-        return sys.stdout.isatty()
-
-    def _closed(self, e: OSError) -> None:
-        if e.errno not in (errno.EPIPE, errno.EINVAL) and not isinstance(e, BrokenPipeError):
-            raise e
-        self.closed_by_reader = True
-        try:  # what Python would flush at exit goes nowhere (else: "Exception ignored", exit 120)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-
-
-_STDOUT = _Stdout()
-NUMERIC_COLUMNS = {"rank", "self_influence", "suspicion", "loss", "prob_label", "loss_change_if_removed", "rows",
-                   "flagged", "estimated_error_rate", "mean_suspicion"}
-
-
-def _stderr() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
-
-
 _interrupted = threading.Event()
 
 
@@ -132,14 +82,14 @@ def _run_command(debug: bool) -> Iterator[None]:
     except InflError as e:
         if debug:
             raise
-        _stderr().print(f"error: {e.message}")
+        render.stderr_console().print(f"error: {e.message}")
         if e.hint:
-            _stderr().print(f"  hint: {e.hint}")
+            render.stderr_console().print(f"  hint: {e.hint}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if debug:
             raise
-        _stderr().print(_interrupted_message())
+        render.stderr_console().print(_interrupted_message())
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
@@ -147,76 +97,13 @@ def _run_command(debug: bool) -> Iterator[None]:
         if debug:
             raise
         if _interrupted.is_set():  # e.g. a KeyboardInterrupt that C++ code turned into a RuntimeError
-            _stderr().print(_interrupted_message())
+            render.stderr_console().print(_interrupted_message())
             raise typer.Exit(130) from None
-        _stderr().print(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it")
+        render.stderr_console().print(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it")
         raise typer.Exit(4) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-class _UI:
-    """Rendering for one command: progress on stderr (TTY only), tables or JSON on stdout."""
-
-    def __init__(self, quiet: bool, as_json: bool) -> None:
-        self.quiet, self.as_json = quiet, as_json
-        self.out = Console(file=_STDOUT, highlight=False, soft_wrap=True, markup=False, emoji=False)
-        self.err = _stderr()
-        self._bar: Progress | None = None
-        self._tasks: dict[str, Any] = {}
-
-    @contextmanager
-    def progress(self) -> Iterator[ProgressFn | None]:
-        if self.quiet or not self.err.is_terminal:
-            yield None
-            return
-        columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=self.err, transient=True) as bar:
-            def update(phase: str, done: int, total: int) -> None:
-                if phase not in self._tasks:
-                    self._tasks[phase] = bar.add_task(phase, total=total)
-                bar.update(self._tasks[phase], completed=done, total=total)
-
-            yield update
-
-    def finish(self, result: Report, files: list[Path], extra: dict[str, Any] | None = None) -> None:
-        if not self.quiet:
-            for w in result.warnings:
-                self.err.print(f"warning: {w}")
-        if self.as_json:
-            doc = {**result.summary, **(extra or {}), "files": [str(f) for f in files], "warnings": result.warnings}
-            from . import report
-
-            _STDOUT.write(json.dumps(report.jsonable(doc), indent=2, sort_keys=True) + "\n")
-            _STDOUT.flush()
-
-    @property
-    def show(self) -> bool:
-        return not (self.quiet or self.as_json)
-
-    def table(self, title: str, frame: Any, columns: list[str], rows: int) -> None:
-        table = Table(title=title, title_justify="left")
-        for c in columns:
-            table.add_column(c, justify="right" if c in NUMERIC_COLUMNS else "left")
-        for _, row in frame.head(rows).iterrows():
-            table.add_row(*[_fmt(row[c]) for c in columns])
-        self.out.print(table)
-
-
-def _cache_line(ui: _UI, summary: dict[str, Any]) -> None:
-    c = summary.get("cache", {})
-    if not c.get("enabled"):
-        return
-    fit = "reused the fitted curvature" if c.get("fit_reused") else "fitted the curvature"
-    ui.out.print(f"cache: {fit}, reused {c.get('shards_reused', 0)} of {c.get('shards', 0)} shards ({c['dir']})")
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _split_ids(text: str | None) -> list[str] | None:
@@ -241,7 +128,7 @@ def _load(config: Path, overrides: list[str] | None, out: Path | None = None, *,
     return replace(cfg, cache=replace(cfg.cache, dir=folder, enabled=cfg.cache.enabled and not no_cache))
 
 
-def _threshold(ui: _UI, breached: bool, message: str) -> None:
+def _threshold(ui: render.UI, breached: bool, message: str) -> None:
     if breached:
         ui.err.print(f"threshold: {message}")
 
@@ -267,7 +154,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
 
     Example: infl selfcheck -c configs/digits.yaml --top 20 --fail-above 0.15
     """
-    ui = _UI(quiet, as_json)
+    ui = render.UI(quiet, as_json)
     with _run_command(debug):
         from . import report
         from .commands.selfcheck import SelfcheckOptions
@@ -285,10 +172,10 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         if ui.show:
             ui.table("most self-influential training examples", result.tables["selfcheck.csv"],
                      ["rank", "id", "label", "predicted", "prob_label", "self_influence", "flagged"], top)
-            _health_tables(ui, result.tables)
+            render.health_tables(ui, result.tables)
             ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); wrote {files[0]}")
-            _sweep_lines(ui, s)
-            _cache_line(ui, s)
+            render.sweep_lines(ui, s)
+            render.cache_line(ui, s)
         _threshold(ui, breached, f"flagged fraction {s['flagged_fraction']:.4f} > --fail-above {fail_above}")
     raise typer.Exit(1 if breached else 0)
 
@@ -312,7 +199,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
 
     Example: infl rank -c configs/digits.yaml --test-ids d0022,d0105 --top 5
     """
-    ui = _UI(quiet, as_json)
+    ui = render.UI(quiet, as_json)
     with _run_command(debug):
         from . import report
         from .commands.rank import RankOptions
@@ -332,8 +219,8 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
             ui.table("most harmful to the mean test loss", overall, cols, top)
             ui.table("most helpful to the mean test loss", overall.iloc[::-1].reset_index(drop=True), cols, top)
             ui.out.print(f"{result.summary['test_examples']} test examples; wrote {', '.join(str(f) for f in files)}")
-            _sweep_lines(ui, result.summary)
-            _cache_line(ui, result.summary)
+            render.sweep_lines(ui, result.summary)
+            render.cache_line(ui, result.summary)
     raise typer.Exit(0)
 
 
@@ -360,7 +247,7 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
     With --fix: does applying the fixes help (fix_verify.csv)?
     Example: infl verify -c configs/digits.yaml --samples 20 --min-pearson 0.9
     """
-    ui = _UI(quiet, as_json)
+    ui = render.UI(quiet, as_json)
     with _run_command(debug):
         from . import report
         from .commands.fixcheck import FixCheckOptions, fix_check
@@ -383,21 +270,12 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
             fix is not None and min_gain is not None and not (s["accuracy_gain"] >= min_gain))
         ui.finish(result, files, {"threshold_breached": breached})
         if ui.show:
-            (_fix_lines if fix is not None else _verify_lines)(ui, s, files)
+            (render.fix_lines if fix is not None else render.verify_lines)(ui, s, files)
         if fix is None:
             _threshold(ui, breached, f"Pearson {s['pearson']:.4f} < --min-pearson {min_pearson}")
         else:
             _threshold(ui, breached, f"accuracy gain {s['accuracy_gain']:.4f} < --min-gain {min_gain}")
     raise typer.Exit(1 if breached else 0)
-
-
-def _fix_lines(ui: _UI, s: dict[str, Any], files: list[Path]) -> None:
-    ci = s["accuracy_gain_ci95"]
-    interval = f"95% CI {ci[0]:+.4f}..{ci[1]:+.4f}" if ci else "no 95% CI: too few test rows"
-    ui.out.print(f"{s['mode']} {s['fixes']} rows, retrained: test accuracy {s['accuracy_before']:.4f} ->"
-                 f" {s['accuracy_after']:.4f} ({s['accuracy_gain']:+.4f}, {interval}); test loss"
-                 f" {s['test_loss_before']:.4f} -> {s['test_loss_after']:.4f}")
-    ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
 @app.command("fix")
@@ -415,7 +293,7 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     Reads selfcheck.csv in the report folder; the original data is never touched.
     Example: infl fix -c configs/digits.yaml --flagged && infl verify -c configs/digits.yaml --fix reports/digits/fixes.csv
     """
-    ui = _UI(quiet, as_json)
+    ui = render.UI(quiet, as_json)
     with _run_command(debug):
         from . import report
         from .commands.fix import FixOptions
@@ -433,42 +311,6 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     raise typer.Exit(0)
 
 
-def _health_tables(ui: _UI, tables: dict[str, Any], rows: int = 12) -> None:
-    """classes.csv and selfcheck_groups.csv as short tables, the worst first."""
-    for name, title in (("classes.csv", "classes"), ("selfcheck_groups.csv", "groups")):
-        frame = tables.get(name)
-        if frame is None:
-            continue
-        worst = frame.sort_values("estimated_error_rate", ascending=False, kind="stable")
-        more = f" (worst {rows} of {len(frame)})" if len(frame) > rows else ""
-        ui.table(f"{title}: estimated error rate{more}", worst, list(frame.columns), rows)
-
-
-def _verify_lines(ui: _UI, s: dict[str, Any], files: list[Path]) -> None:
-    lo, hi = s.get("pearson_ci95", [float("nan")] * 2)
-    interval = f"95% CI {lo:.3f}..{hi:.3f}" if all(map(_finite, (lo, hi))) else "no 95% CI: too few rows"
-    ui.out.print(f"retrained without {s['samples']} rows: Pearson {s['pearson']:.3f} ({interval}),"
-                 f" Spearman {s['spearman']:.3f}, predicted/actual magnitude {s['magnitude_ratio']:.2f}")
-    damp = ", ".join(f"{v['damping']:g}: {v['pearson']:.3f}" for v in s["pearson_by_damping"].values())
-    ui.out.print(f"Pearson by damping: {damp}")
-    for order, fit in s.get("groups", {}).items():
-        ui.out.print(f"groups, {order}: Pearson {fit['pearson']:.3f}, mean abs error {fit['mean_abs_error']:.3g}")
-    ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
-
-
-def _sweep_lines(ui: _UI, s: dict[str, Any]) -> None:
-    sweep = s.get("damping_sweep")
-    if not sweep:
-        return
-    parts = [f"{v['damping']:g}: Spearman {v['spearman']:.3f}, top-10% overlap {v['top10pct_overlap']:.2f}"
-             for k, v in sweep.items() if k.startswith("x")]
-    ui.out.print(f"damping sweep of {sweep['column']} (at {sweep['damping']:g}) vs " + "; ".join(parts))
-
-
 @app.command()
 def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier selfcheck report.")],
          new_dir: Annotated[Path, typer.Argument(help="Folder of the later selfcheck report.")],
@@ -480,7 +322,7 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
 
     Example: infl diff reports/yesterday reports/today --fail-on-new 10
     """
-    ui = _UI(quiet, as_json)
+    ui = render.UI(quiet, as_json)
     with _run_command(debug):
         from . import report
         from .diff import diff_reports
@@ -508,7 +350,7 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     --out is accepted as on every command; the checkpoint goes to model.checkpoint.
     Example: infl train -c configs/digits.yaml
     """
-    ui = _UI(quiet, as_json)
+    ui = render.UI(quiet, as_json)
     with _run_command(debug):
         from .commands.train import train as train_command
         from .run import Run
@@ -527,13 +369,14 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
 
 @app.command()
 def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
-          as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
+          as_json: JsonOpt = False, debug: DebugOpt = False,
+          show_config: Annotated[bool, typer.Option(help="Also print the resolved config.")] = False) -> None:
     """Validate the config, load data and model, estimate time and memory; computes nothing heavy.
 
     Writes nothing (--out is accepted as on every command, and locates the cache).
     Example: infl check -c configs/digits.yaml
     """
-    ui = _UI(quiet, as_json)
+    ui = render.UI(quiet, as_json)
     with _run_command(debug):
         from .commands.check import check as check_command
         from .run import Run
@@ -542,29 +385,8 @@ def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
         result = check_command(Run.open(cfg, "check", need_test=cfg.data.test is not None))
         ui.finish(result, [])
         if ui.show:
-            _check_lines(ui, result.summary)
+            render.check_lines(ui, result.summary, show_config)
     raise typer.Exit(0)
-
-
-def _check_lines(ui: _UI, s: dict[str, Any]) -> None:
-    ui.out.print(yaml.safe_dump({"config": s["config"]}, sort_keys=False).rstrip())
-    ui.out.print(f"train rows: {s['n']}   test rows: {s['n_test']}   device: {s['device']}")
-    ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
-    ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
-                 f" ~{s['gradient_seconds']} s")
-    if s["cache"]["dir"]:
-        state = "cached: a rerun skips the fit" if s["cache"]["fit_cached"] else "not cached yet"
-        ui.out.print(f"fitted curvature for these inputs: {state} ({s['cache']['dir']})")
-    table = Table(title="solver estimates", title_justify="left")
-    for c in ("solver", "memory", "fit time", "note"):
-        table.add_column(c)
-    for name, e in s["solver_estimates"].items():
-        table.add_row(name, report_gib(e["memory_bytes"]), f"~{e['fit_seconds']} s", e["note"])
-    ui.out.print(table)
-
-
-def report_gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -572,17 +394,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, standalone_mode=False)
     except KeyboardInterrupt:
-        _stderr().print("error: interrupted")
+        render.stderr_console().print("error: interrupted")
         sys.exit(130)
     except Exception as e:
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # click's UsageError family
             raise
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `infl`: the help, on stderr, exit 2
-            _stderr().print(e.format_message())
+            render.stderr_console().print(e.format_message())
             sys.exit(2)
-        _stderr().print(f"error: {e.format_message()}")
+        render.stderr_console().print(f"error: {e.format_message()}")
         ctx = getattr(e, "ctx", None)
         if ctx is not None:
-            _stderr().print(f"  hint: see `{ctx.command_path} --help`")
+            render.stderr_console().print(f"  hint: see `{ctx.command_path} --help`")
         sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -242,6 +242,9 @@ def test_check_prints_facts(capsys, cfg):
     code, out, err = run(capsys, "check", "-c", cfg)
     assert code == 0, err
     assert "parameters: 650" in out and "train rows: 1437" in out and "direct" in out
+    assert out.startswith("train rows") and "config:" not in out  # the answer first, the config on request
+    code, out, _ = run(capsys, "check", "-c", cfg, "--show-config")
+    assert code == 0 and "config:" in out and out.index("train rows") < out.index("config:")
     code, out, _ = run(capsys, "check", "-c", cfg, "--json")
     assert json.loads(out)["parameters"] == 650
 

@@ -1,0 +1,198 @@
+"""What the CLI shows: tables and summary lines on stdout (or one JSON document with --json),
+progress bars, warnings and errors on stderr. Nothing here computes; cli.py calls it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .run import ProgressFn, Report
+
+
+class Stdout:
+    """sys.stdout that goes quiet when the reader closes the pipe (`infl selfcheck | head -1`): the
+    rest of the output is dropped and the command keeps its own exit code (0, or 1 for a breached
+    threshold), as Unix filters do, instead of a traceback or a misleading exit code."""
+
+    closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                sys.stdout.write(text)
+            except OSError as e:
+                self._closed(e)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                sys.stdout.flush()
+            except OSError as e:
+                self._closed(e)
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def _closed(self, e: OSError) -> None:
+        if e.errno not in (errno.EPIPE, errno.EINVAL) and not isinstance(e, BrokenPipeError):
+            raise e
+        self.closed_by_reader = True
+        try:  # what Python would flush at exit goes nowhere (else: "Exception ignored", exit 120)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+STDOUT = Stdout()
+NUMERIC_COLUMNS = {"rank", "self_influence", "suspicion", "loss", "prob_label", "loss_change_if_removed", "rows",
+                   "flagged", "estimated_error_rate", "mean_suspicion"}
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+class UI:
+    """Rendering for one command: progress on stderr (TTY only), tables or JSON on stdout."""
+
+    def __init__(self, quiet: bool, as_json: bool) -> None:
+        self.quiet, self.as_json = quiet, as_json
+        self.out = Console(file=STDOUT, highlight=False, soft_wrap=True, markup=False, emoji=False)
+        self.err = stderr_console()
+        self._bar: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    @contextmanager
+    def progress(self) -> Iterator[ProgressFn | None]:
+        if self.quiet or not self.err.is_terminal:
+            yield None
+            return
+        columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            def update(phase: str, done: int, total: int) -> None:
+                if phase not in self._tasks:
+                    self._tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(self._tasks[phase], completed=done, total=total)
+
+            yield update
+
+    def finish(self, result: Report, files: list[Path], extra: dict[str, Any] | None = None) -> None:
+        if not self.quiet:
+            for w in result.warnings:
+                self.err.print(f"warning: {w}")
+        if self.as_json:
+            doc = {**result.summary, **(extra or {}), "files": [str(f) for f in files], "warnings": result.warnings}
+            from . import report
+
+            STDOUT.write(json.dumps(report.jsonable(doc), indent=2, sort_keys=True) + "\n")
+            STDOUT.flush()
+
+    @property
+    def show(self) -> bool:
+        return not (self.quiet or self.as_json)
+
+    def table(self, title: str, frame: Any, columns: list[str], rows: int) -> None:
+        table = Table(title=title, title_justify="left")
+        for c in columns:
+            table.add_column(c, justify="right" if c in NUMERIC_COLUMNS else "left")
+        for _, row in frame.head(rows).iterrows():
+            table.add_row(*[fmt(row[c]) for c in columns])
+        self.out.print(table)
+
+
+def cache_line(ui: UI, summary: dict[str, Any]) -> None:
+    c = summary.get("cache", {})
+    if not c.get("enabled"):
+        return
+    fit = "reused the fitted curvature" if c.get("fit_reused") else "fitted the curvature"
+    ui.out.print(f"cache: {fit}, reused {c.get('shards_reused', 0)} of {c.get('shards', 0)} shards ({c['dir']})")
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fix_lines(ui: UI, s: dict[str, Any], files: list[Path]) -> None:
+    ci = s["accuracy_gain_ci95"]
+    interval = f"95% CI {ci[0]:+.4f}..{ci[1]:+.4f}" if ci else "no 95% CI: too few test rows"
+    ui.out.print(f"{s['mode']} {s['fixes']} rows, retrained: test accuracy {s['accuracy_before']:.4f} ->"
+                 f" {s['accuracy_after']:.4f} ({s['accuracy_gain']:+.4f}, {interval}); test loss"
+                 f" {s['test_loss_before']:.4f} -> {s['test_loss_after']:.4f}")
+    ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def health_tables(ui: UI, tables: dict[str, Any], rows: int = 12) -> None:
+    """classes.csv and selfcheck_groups.csv as short tables, the worst first."""
+    for name, title in (("classes.csv", "classes"), ("selfcheck_groups.csv", "groups")):
+        frame = tables.get(name)
+        if frame is None:
+            continue
+        worst = frame.sort_values("estimated_error_rate", ascending=False, kind="stable")
+        more = f" (worst {rows} of {len(frame)})" if len(frame) > rows else ""
+        ui.table(f"{title}: estimated error rate{more}", worst, list(frame.columns), rows)
+
+
+def verify_lines(ui: UI, s: dict[str, Any], files: list[Path]) -> None:
+    lo, hi = s.get("pearson_ci95", [float("nan")] * 2)
+    interval = f"95% CI {lo:.3f}..{hi:.3f}" if all(map(finite, (lo, hi))) else "no 95% CI: too few rows"
+    ui.out.print(f"retrained without {s['samples']} rows: Pearson {s['pearson']:.3f} ({interval}),"
+                 f" Spearman {s['spearman']:.3f}, predicted/actual magnitude {s['magnitude_ratio']:.2f}")
+    damp = ", ".join(f"{v['damping']:g}: {v['pearson']:.3f}" for v in s["pearson_by_damping"].values())
+    ui.out.print(f"Pearson by damping: {damp}")
+    for order, fit in s.get("groups", {}).items():
+        ui.out.print(f"groups, {order}: Pearson {fit['pearson']:.3f}, mean abs error {fit['mean_abs_error']:.3g}")
+    ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+
+
+def sweep_lines(ui: UI, s: dict[str, Any]) -> None:
+    sweep = s.get("damping_sweep")
+    if not sweep:
+        return
+    parts = [f"{v['damping']:g}: Spearman {v['spearman']:.3f}, top-10% overlap {v['top10pct_overlap']:.2f}"
+             for k, v in sweep.items() if k.startswith("x")]
+    ui.out.print(f"damping sweep of {sweep['column']} (at {sweep['damping']:g}) vs " + "; ".join(parts))
+
+
+def check_lines(ui: UI, s: dict[str, Any], show_config: bool) -> None:
+    """The answer first (sizes, solver, estimates); the resolved config only when asked."""
+    ui.out.print(f"train rows: {s['n']}   test rows: {s['n_test']}   device: {s['device']}")
+    ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
+    ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
+                 f" ~{s['gradient_seconds']} s")
+    if s["cache"]["dir"]:
+        state = "cached: a rerun skips the fit" if s["cache"]["fit_cached"] else "not cached yet"
+        ui.out.print(f"fitted curvature for these inputs: {state} ({s['cache']['dir']})")
+    table = Table(title="solver estimates", title_justify="left")
+    for c in ("solver", "memory", "fit time", "note"):
+        table.add_column(c)
+    for name, e in s["solver_estimates"].items():
+        table.add_row(name, report_gib(e["memory_bytes"]), f"~{e['fit_seconds']} s", e["note"])
+    ui.out.print(table)
+    if show_config:
+        ui.out.print(yaml.safe_dump({"config": s["config"]}, sort_keys=False).rstrip())
+
+
+def report_gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
+
+
