@@ -65,9 +65,13 @@ def _terminate(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM (cron timeouts, kill) stops like Ctrl-C: exit 130, finished shards kept
 
 
+_resumable = threading.Event()  # set when this command keeps finished shards in the cache
+
+
 def _interrupted_message() -> str:
-    return ("error: interrupted; reports from earlier runs are untouched, finished shards are kept in"
-            " the cache: rerun the same command to resume")
+    resume = (", finished shards are kept in the cache: rerun the same command to resume" if _resumable.is_set()
+              else "")
+    return f"error: interrupted; reports and checkpoints from earlier runs are untouched{resume}"
 
 
 @contextmanager
@@ -76,6 +80,7 @@ def _run_command(debug: bool) -> Iterator[None]:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         _interrupted.clear()
+        _resumable.clear()
         previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -125,7 +130,10 @@ def _load(config: Path, overrides: list[str] | None, out: Path | None = None, *,
     if not cache:
         return cfg
     folder = cfg.cache.dir if cfg.cache.dir is not None else _out_dir(cfg, out) / ".infl-cache"
-    return replace(cfg, cache=replace(cfg.cache, dir=folder, enabled=cfg.cache.enabled and not no_cache))
+    cfg = replace(cfg, cache=replace(cfg.cache, dir=folder, enabled=cfg.cache.enabled and not no_cache))
+    if cfg.cache.enabled:
+        _resumable.set()
+    return cfg
 
 
 def _threshold(ui: render.UI, breached: bool, message: str) -> None:

@@ -466,3 +466,19 @@ def test_help_and_version_answer_without_importing_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("infl ")
+
+
+def test_interrupt_message_promises_shards_only_where_there_are_some(capsys, cfg, monkeypatch):
+    from influence_cli.commands import train as train_module
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupt)
+    monkeypatch.setattr(selfcheck_module, "selfcheck", interrupt)
+    code, _, err = run(capsys, "train", "-c", cfg)
+    assert code == 130 and err.startswith("error: interrupted") and "shards" not in err
+    code, _, err = run(capsys, "selfcheck", "-c", cfg, "--no-cache")
+    assert code == 130 and "shards" not in err
+    code, _, err = run(capsys, "selfcheck", "-c", cfg)
+    assert code == 130 and "rerun the same command to resume" in err

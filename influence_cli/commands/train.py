@@ -48,11 +48,31 @@ def train(run: Run) -> Report:
                "grad_norm_all_parameters": result.grad_norm, "polished": polished is not None,
                "iterations": result.iterations, "converged": final.converged,
                "checkpoint": str(cfg.model.checkpoint)}
-    warnings = []
-    if not final.converged:
-        warnings.append(f"training stopped at gradient norm {final.grad_norm:.3g} > train.tol={cfg.train.tol:g}"
-                        " after the last epoch: influence assumes an optimum; raise train.epochs")
+    warnings = [] if final.converged else [not_converged_advice(cfg, model, final, polished is not None)]
     return Report({}, summary, {"phases": run.timer.phases}, warnings)
+
+
+def not_converged_advice(cfg: Any, model: torch.nn.Module, final: Any, polished: bool) -> str:
+    """What to change when training stopped above train.tol, from what the run saw: L-BFGS that
+    stopped before its budget stalled in its line search (more epochs will not help; a ReLU
+    network's kinks are the usual cause), one that used its whole budget needs more epochs."""
+    head = (f"training stopped at gradient norm {final.grad_norm:.3g} > train.tol={cfg.train.tol:g}: influence"
+            " assumes an optimum;")
+    lbfgs = cfg.train.optimizer == "lbfgs" or polished
+    budget = 200 if polished else cfg.train.epochs
+    relu = any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    if lbfgs and final.iterations < budget:
+        tips = ["L-BFGS stalled before its budget, so more epochs will not help"]
+        if relu:
+            tips.append("ReLU kinks stall it: use model.kwargs.activation: tanh (smooth)")
+        if cfg.params == "all":
+            tips.append("or params: last_layer (a convex head)")
+        tips.append(f"or accept the point with train.tol: {final.grad_norm * 2:.1g} and a larger solver.damping")
+        return f"{head} {'; '.join(tips)}"
+    if lbfgs:
+        return f"{head} L-BFGS used all {budget} iterations: raise train.epochs"
+    return (f"{head} {cfg.train.optimizer} does not reach a stationary point: keep train.polish: true (L-BFGS"
+            " finishes the selected parameters) or use train.optimizer: lbfgs")
 
 
 def _minimize_all(run: Run, dtype: torch.dtype) -> Any:
