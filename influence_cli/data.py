@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .sources import Raw, existing, to_numpy
 
 TASKS = ("classification", "binary", "regression")
 _SHOWN = 5  # row ids named in a message
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # pandas' default NA strings: missing in every column but the id column, whose values are read verbatim
 NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
               "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
@@ -388,7 +390,13 @@ def _labels(values: Any, ids: list[str], key: str, task: str, classes: list[str]
         if len(bad):
             raise DataError(f"{key}.label: missing, NaN or inf label at row ids {_name_rows(ids, bad)}")
         if task == "regression":
-            return torch.as_tensor(arr.astype(np.float32)), None
+            with np.errstate(over="ignore"):
+                y = arr.astype(np.float32)
+            huge = np.nonzero(~np.isfinite(_flat(y)).all(1))[0]
+            if len(huge):
+                raise DataError(f"{key}.label: labels beyond float32's range (|y| > {FLOAT32_MAX:.3g}) at row ids "
+                                f"{_name_rows(ids, huge)}", hint="rescale the targets")
+            return torch.as_tensor(y), None
     dtype = torch.int64 if task == "classification" else torch.float32
     arr = arr[:, 0] if arr.ndim == 2 and arr.shape[1] == 1 else arr
     if arr.ndim != 1:
@@ -430,10 +438,18 @@ def _numeric_features(df: pd.DataFrame, ids: list[str], key: str) -> torch.Tenso
                                 f"{df[col].iloc[bad[0]]!r})", hint=f"list it under {key}.carry or drop it from "
                                 f"{key}.features")
             df = df.assign(**{col: coerced})
-    x = df.to_numpy(dtype=np.float32, na_value=np.nan, copy=True)
+    with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow in the cast: reported below
+        x = df.to_numpy(dtype=np.float32, na_value=np.nan, copy=True)
     bad_rows = np.nonzero(~np.isfinite(x).all(1))[0]
     if len(bad_rows):
         cols = [c for c, ok in zip(df.columns, np.isfinite(x[bad_rows]).all(0), strict=True) if not ok]
+        wide = df.iloc[bad_rows].to_numpy(dtype=np.float64, na_value=np.nan)
+        huge = np.nonzero(np.isfinite(wide).all(1))[0]
+        if len(huge):
+            row = bad_rows[huge[0]]
+            raise DataError(f"{key}: features of row id {ids[row]!r} ({', '.join(cols[:5])}) are beyond float32's "
+                            f"range (|x| > {FLOAT32_MAX:.3g})", hint="rescale those columns or fix the values")
         raise DataError(f"{key}: missing, NaN or inf features ({', '.join(cols[:5])}) at row ids "
                         f"{_name_rows(ids, bad_rows)}", hint="fill or drop those rows")
     return torch.from_numpy(x)

@@ -511,3 +511,13 @@ def test_corrupt_image_is_data_error_naming_the_file(tmp_path: Path) -> None:
     split = load_split(SplitConfig(format="imagefolder", path=tmp_path / "imgs"), "train", "classification")
     with pytest.raises(DataError, match=r"data\.train: cannot read image .*b/broken\.png \(row id 'b/broken\.png'"):
         list(make_loader(split, 2))
+
+
+def test_values_beyond_float32_are_named_not_called_inf(tmp_path: Path) -> None:
+    """Found by tests/test_hostile_property.py: 1e300 became inf in float32 (a regression label silently)."""
+    path = write_csv(tmp_path / "big.csv", "id,f,label\na,1e300,0.5\nb,1,1\n")
+    with pytest.raises(DataError, match=r"features of row id 'a' \(f\) are beyond float32's range"):
+        load_split(csv_cfg(path), "train", "regression")
+    path = write_csv(tmp_path / "big.csv", "id,f,label\na,1,1e300\nb,1,1\n")
+    with pytest.raises(DataError, match=r"data\.train\.label: labels beyond float32's range .* row ids 'a'"):
+        load_split(csv_cfg(path), "train", "regression")
