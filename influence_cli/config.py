@@ -270,6 +270,8 @@ def parse_yaml(text: str, where: str) -> Any:
     """`yaml.safe_load`, refusing documents that expand (through aliases) to more than MAX_VALUES
     nodes, nest deeper than MAX_DEPTH or refer to themselves: the node graph is measured before
     anything is built, so an alias bomb fails in milliseconds instead of exhausting memory."""
+    if _rough_depth(text) > MAX_DEPTH:  # PyYAML's scanner is quadratic in nesting: refuse before it
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep", hint=_NESTING_HINT)
     loader = yaml.SafeLoader(text)
     try:
         try:
@@ -285,6 +287,37 @@ def parse_yaml(text: str, where: str) -> Any:
 
 
 _NESTING_HINT = "a config nests about 4 levels; check the file (or the --set value)"
+
+
+def _rough_depth(text: str) -> int:
+    """An upper estimate of the nesting, in one pass over the characters: open brackets outside
+    quotes and comments, plus indentation levels and leading "- " markers of block style."""
+    deepest, flow, quote, indents = 0, 0, "", [-1]
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if flow == 0 and not quote and stripped and not stripped.startswith("#"):
+            indent = len(line) - len(stripped)
+            while indents[-1] >= indent:
+                indents.pop()
+            indents.append(indent)
+            dashes = len(stripped) - len(stripped.lstrip("- "))
+            deepest = max(deepest, len(indents) - 1 + dashes // 2)
+        previous = " "
+        for ch in line:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch == "#" and previous in " \t":
+                break
+            elif ch in "'\"" and previous in " \t[{,:":
+                quote = ch
+            elif ch in "[{":
+                flow += 1
+                deepest = max(deepest, flow + len(indents) - 1)
+            elif ch in "]}":
+                flow = max(flow - 1, 0)
+            previous = ch
+        quote = quote if quote == '"' else ""  # single-quoted scalars may span lines too, rarely in configs
+    return deepest
 
 
 def _measure(root: yaml.Node, where: str) -> None:

@@ -196,3 +196,24 @@ def test_self_referring_alias_is_config_error(cfg_path, alarm):
     cfg_path.write_text(BASE + "x: &a [1, *a]\n")
     with pytest.raises(ConfigError, match="refers to the value that contains it"):
         load_config(cfg_path)
+
+
+def test_nesting_bomb_the_size_of_the_cap_fails_fast(cfg_path, alarm):
+    """PyYAML's scanner slows quadratically with nesting (3000 brackets took 1 s, 6000 took 15 s):
+    the depth is estimated from the text before it runs."""
+    import time
+
+    depth = 400_000
+    for text in ("x: " + "[" * depth + "]" * depth + "\n", "x: " + "{a: " * 200_000 + "1" + "}" * 200_000 + "\n",
+                 "".join("  " * i + f"k{i}:\n" for i in range(900)) + "  " * 900 + "v\n"):
+        cfg_path.write_text(BASE + text)
+        start = time.perf_counter()
+        with pytest.raises(ConfigError, match=r"nested more than 64 levels deep"):
+            load_config(cfg_path)
+        assert time.perf_counter() - start < 1.0
+
+
+def test_brackets_inside_quotes_and_comments_do_not_count(cfg_path):
+    cfg_path.write_text(BASE + "# " + "[" * 100 + "\nmodel: {arch: logreg, kwargs: {note: '" + "[" * 100
+                        + "', in_features: 4, num_classes: 2}, checkpoint: m.pt}\n")
+    assert load_config(cfg_path).model.kwargs["note"] == "[" * 100
