@@ -8,7 +8,7 @@ from conftest import make_case
 
 from influence_cli.config import CGConfig, LissaConfig, SolverConfig
 from influence_cli.errors import ConfigError, NotFittedError
-from influence_cli.solvers import SOLVERS, Factored, make_solver
+from influence_cli.solvers import SOLVERS, Factored, MemoryChecked, RowScorer, Stateful, make_solver
 
 TOL = {"direct": dict(rtol=1e-8, atol=1e-10), "ekfac": dict(rtol=1e-8, atol=1e-10), "arnoldi": dict(rtol=1e-6, atol=1e-8), "cg": dict(rtol=1e-6, atol=1e-8), "lissa": dict(rtol=2e-2, atol=2e-3)}
 # per-solver settings for the contract: tolerances tight enough for TOL (the forward error of an
@@ -110,6 +110,18 @@ def test_direct_refuses_when_hessian_does_not_fit_memory():
     solver = make_solver(SolverConfig(name="direct", memory_limit_gb=1e-6))
     with pytest.raises(ConfigError, match="last_layer"):
         solver.fit(case.problem)
+
+
+CAPABILITIES = {"direct": {Factored, MemoryChecked, Stateful}, "cg": set(), "lissa": {Stateful},
+                "arnoldi": {Factored, Stateful}, "ekfac": {Factored, RowScorer, Stateful}}
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_capabilities_are_isinstance_checks(name):
+    """The command layer asks `isinstance(solver, RowScorer)` etc.: each solver has exactly the capabilities listed."""
+    solver = make_solver(SolverConfig(name=name))
+    has = {cap for cap in (Factored, MemoryChecked, RowScorer, Stateful) if isinstance(solver, cap)}
+    assert has == CAPABILITIES[name]
 
 
 def test_unknown_solver_is_a_config_error(monkeypatch):

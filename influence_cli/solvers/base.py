@@ -1,14 +1,18 @@
 """The solver interface: fit once on a Problem, then apply (H + damping I)^-1 to batches of vectors.
 
 Solvers are built from the config (`make_solver`) and do their heavy work in `fit`, never in
-`__init__`. `ihvp` maps (k, p) -> (k, p). Solvers that factor H^-1 = A^T A also offer
-`half_ihvp(v) = A v`, so self-influence g^T H^-1 g = ||A g||^2 costs no solve per row.
+`__init__`. `ihvp` maps (k, p) -> (k, p). Optional capabilities are runtime-checkable protocols, tested
+with `isinstance(solver, Factored)` and the like (never by probing attributes):
+  Factored       H^-1 = A^T A: `half_ihvp(v) = A v`, so self-influence g^T H^-1 g = ||A g||^2 costs no solve
+  RowScorer      `self_influence_blocks(loader)` scores rows without forming p-sized gradients (ekfac)
+  MemoryChecked  `check_memory(problem)` refuses, before fitting or reading a stored factor, one that cannot fit
+  Stateful       `state()` / `load_state()` for the fit cache
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
@@ -50,6 +54,24 @@ class Factored(Protocol):
 
 
 @runtime_checkable
+class RowScorer(Protocol):
+    """A solver that scores training rows from one forward and one backward pass per batch, without the (B, p)
+    per-example gradients: yields per batch an object with `idx` (B,), `self_influence` (B,), `losses` (B,),
+    `outputs` (B, C) and `targets` (ekfac's `ScoredBlock`). `total` is for progress; `ids` name bad rows."""
+
+    def self_influence_blocks(self, loader: Iterable[tuple[Tensor, Tensor, Tensor]], progress: Progress | None = None,
+                              total: int | None = None, ids: Sequence[str] | None = None) -> Iterator[Any]: ...
+
+
+@runtime_checkable
+class MemoryChecked(Protocol):
+    """A solver whose fitted state may not fit memory: `check_memory` raises ConfigError (naming what it needs
+    and what is available) before fitting or before reading a stored factor from the cache."""
+
+    def check_memory(self, problem: Problem) -> None: ...
+
+
+@runtime_checkable
 class Stateful(Protocol):
     """A solver whose fitted curvature can be stored and restored (the cache, cache.py). `state()`
     holds tensors and plain values only; `load_state` returns the solver as `fit` would have left it."""
@@ -59,7 +81,7 @@ class Stateful(Protocol):
     def load_state(self, state: dict[str, Any], problem: Problem) -> Self: ...
 
 
-def require_fitted(solver: Any, attr: str) -> Any:
+def require_fitted(solver: Solver, attr: str) -> Any:
     value = getattr(solver, attr, None)
     if value is None:
         raise NotFittedError(f"solver {solver.name}: call fit() before using it")
