@@ -338,7 +338,7 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
 
         frame, counts = diff_reports(old_dir, new_dir)
         target = (out or (new_dir if new_dir.is_dir() else new_dir.parent)).resolve()
-        files = report.write_atomic(target, {"diff.csv": frame}, None)  # never touch NEW_DIR's manifest
+        files = report.write_atomic(target, {"diff.csv": frame}, None, command="diff")  # never touch its manifest
         breached = fail_on_new is not None and counts["new"] > fail_on_new
         ui.finish(Report({"diff.csv": frame}, {"command": "diff", **counts}, {}), files,
                   {"threshold_breached": breached})

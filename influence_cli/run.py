@@ -115,7 +115,8 @@ class Run:
         train = load_split(cfg.data.train, "train", cfg.task)
         test = None
         if need_test:
-            test = load_split(require_test(cfg.data.test), "test", cfg.task, classes=train.classes)
+            test = load_split(require_test(cfg.data.test), "test", cfg.task, classes=train.classes,
+                              features=train.features)
         if fresh_model:
             with torch.random.fork_rng(devices=[]):  # the seeded initialization, without touching the global RNG
                 torch.manual_seed(cfg.seed)

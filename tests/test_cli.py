@@ -482,3 +482,21 @@ def test_interrupt_message_promises_shards_only_where_there_are_some(capsys, cfg
     assert code == 130 and "shards" not in err
     code, _, err = run(capsys, "selfcheck", "-c", cfg)
     assert code == 130 and "rerun the same command to resume" in err
+
+
+def test_test_columns_in_another_order_give_the_same_answer(capsys, workspace, tmp_path):
+    """Features are matched by name: a test CSV with its columns shuffled changes nothing."""
+    cfg_path = workspace / "config.yaml"
+    assert run(capsys, "rank", "-c", str(cfg_path), "-o", str(tmp_path / "a"), "--quiet")[0] == 0
+    test = pd.read_csv(workspace / "data" / "test.csv")
+    cols = list(test.columns)
+    shuffled = cols[:1] + cols[1:][::-1]
+    test[shuffled].to_csv(tmp_path / "test_shuffled.csv", index=False)
+    code, _, err = run(capsys, "rank", "-c", str(cfg_path), "-o", str(tmp_path / "b"), "--quiet",
+                       "--set", f"data.test.path={tmp_path / 'test_shuffled.csv'}")
+    assert code == 0, err
+    assert (tmp_path / "a" / "overall.csv").read_bytes() == (tmp_path / "b" / "overall.csv").read_bytes()
+    test.drop(columns=[cols[-1]]).to_csv(tmp_path / "test_missing.csv", index=False)
+    code, _, err = run(capsys, "rank", "-c", str(cfg_path), "-o", str(tmp_path / "c"), "--quiet",
+                       "--set", f"data.test.path={tmp_path / 'test_missing.csv'}")
+    assert code == 3 and cols[-1] in err
