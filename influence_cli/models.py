@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import json
 import pickle
 from collections.abc import Callable, Mapping
 from itertools import pairwise
@@ -183,6 +184,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
         where = "is not set" if cfg.checkpoint is None else f"{cfg.checkpoint} not found"
         raise ConfigError(f"model.checkpoint: {where}; run `infl train -c CONFIG` to create it",
                           hint="or set model.checkpoint to an existing state_dict file")
+    check_architecture(cfg)
     state = load_checkpoint(Path(cfg.checkpoint), trust_pickle=cfg.trust_pickle)
     _check_fits(model, state, Path(cfg.checkpoint), cfg.arch)
     model.load_state_dict(state, strict=True)
@@ -233,12 +235,47 @@ def load_checkpoint(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor
     return state
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Write the state_dict (on cpu) atomically (files.write_atomic_bytes: temp file, fsync, os.replace)."""
+def save_checkpoint(model: nn.Module, path: Path, cfg: ModelConfig | None = None) -> None:
+    """Write the state_dict (on cpu) atomically (files.write_atomic_bytes: temp file, fsync, os.replace),
+    and, given the model config, `<checkpoint>.infl.json` beside it recording the arch and kwargs it
+    was built with (the checkpoint stays a plain state_dict for weights_only=True)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_atomic_bytes(path, lambda f: torch.save(state, f))
+    if cfg is not None:
+        record = {"arch": cfg.arch, "kwargs": _plain_kwargs(cfg.kwargs)}
+        write_atomic_bytes(architecture_record(path), json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def architecture_record(checkpoint: Path) -> Path:
+    """Where `infl train` records the arch and kwargs of a checkpoint."""
+    return Path(checkpoint).with_name(Path(checkpoint).name + ".infl.json")
+
+
+def check_architecture(cfg: ModelConfig) -> None:
+    """DataError when the checkpoint's recorded arch/kwargs differ from the config's (no record: nothing
+    to check). A checkpoint loads into any model with the same parameter shapes, so a changed
+    activation would otherwise load silently into the wrong model."""
+    record_path = architecture_record(Path(cfg.checkpoint))  # type: ignore[arg-type]
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"model.checkpoint: {record_path} is not readable JSON ({e})",
+                        hint="delete it if the checkpoint was not written by `infl train`") from None
+    ours = {"arch": cfg.arch, "kwargs": _plain_kwargs(cfg.kwargs)}
+    theirs = {"arch": record.get("arch"), "kwargs": record.get("kwargs")}
+    if json.dumps(ours, sort_keys=True) != json.dumps(theirs, sort_keys=True):
+        raise DataError(f"model.checkpoint: {cfg.checkpoint} was trained as arch={theirs['arch']}"
+                        f" kwargs={json.dumps(theirs['kwargs'], sort_keys=True)}, but the config says"
+                        f" arch={ours['arch']} kwargs={json.dumps(ours['kwargs'], sort_keys=True)}",
+                        hint=f"make model.arch/model.kwargs match, or retrain (`infl train`); record: {record_path}")
+
+
+def _plain_kwargs(kwargs: Any) -> Any:
+    return json.loads(json.dumps(kwargs, default=list))
 
 
 def sha256_file(path: Path) -> str:

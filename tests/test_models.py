@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import textwrap
+import json
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,29 @@ def test_allocation_failure_in_a_factory_names_kwargs(tmp_path: Path, monkeypatc
     for name in ("oom", "mem"):
         with pytest.raises(ConfigError, match=r"model\.kwargs: .*cannot be allocated .*alloc_models:" + name):
             build_model(ModelConfig(arch=f"alloc_models:{name}", kwargs={"width": 10**9}))
+
+
+def test_train_records_the_architecture_and_a_mismatch_is_refused(tmp_path, capsys):
+    """A checkpoint loads into any model with the same shapes: the record beside it catches a changed activation."""
+    from influence_cli import cli
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {{arch: mlp, kwargs: {{in_features: 64, hidden: [8], num_classes: 10, activation: tanh}},"
+        f" checkpoint: {tmp_path / 'm.pt'}}}\n"
+        f"data: {{train: {{format: csv, path: {root / 'sample_data/digits/train.csv'}, label: label, id: id,"
+        f" carry: [source]}}}}\ntrain: {{epochs: 5}}\n")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "-c", str(cfg), "--quiet"])
+    assert exc.value.code == 0
+    record = json.loads((tmp_path / "m.pt.infl.json").read_text())
+    assert record == {"arch": "mlp", "kwargs": {"in_features": 64, "hidden": [8], "num_classes": 10,
+                                                "activation": "tanh"}}
+    torch.load(tmp_path / "m.pt", weights_only=True)  # still a plain state_dict
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["selfcheck", "-c", str(cfg), "-o", str(tmp_path / "r"), "--quiet",
+                  "--set", "model.kwargs.activation=relu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 3 and "tanh" in err and "relu" in err

@@ -41,7 +41,7 @@ def train(run: Run) -> Report:
     for p in model.parameters():
         p.requires_grad_(False)
     with run.timer("save"):
-        save_checkpoint(model, cfg.model.checkpoint)
+        save_checkpoint(model, cfg.model.checkpoint, cfg.model)
     final = polished or result
     summary = {"command": "train", "n": problem.n, "parameters": sum(p.numel() for p in model.parameters()),
                "optimizer": cfg.train.optimizer, "objective": final.objective, "grad_norm": final.grad_norm,
