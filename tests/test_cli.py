@@ -500,3 +500,13 @@ def test_test_columns_in_another_order_give_the_same_answer(capsys, workspace, t
     code, _, err = run(capsys, "rank", "-c", str(cfg_path), "-o", str(tmp_path / "c"), "--quiet",
                        "--set", f"data.test.path={tmp_path / 'test_missing.csv'}")
     assert code == 3 and cols[-1] in err
+
+
+def test_a_model_that_fits_nothing_is_warned_about_where_the_user_looks(capsys, cfg, workspace, tmp_path):
+    import torch
+
+    state = torch.load(workspace / "data" / "logreg.pt", weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "zero.pt")
+    code, _, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path / "r"), "--no-cache",
+                       "--set", f"model.checkpoint={tmp_path / 'zero.pt'}")
+    assert code == 0 and "warning: the model predicts only" in err and "not at a minimum" in err

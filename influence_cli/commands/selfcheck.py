@@ -84,6 +84,10 @@ def score(run: Run, options: SelfcheckOptions) -> tuple[dict[str, Any], dict[str
     }
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
+        if summary["train_accuracy"] < 0.5:
+            run.warnings.append(f"the model predicts only {summary['train_accuracy']:.0%} of its own training labels:"
+                                " it fits nothing, so its suspects are not label errors; check the checkpoint"
+                                " and `infl train`")
     summary["cache"] = {"fit_reused": run.fit_reused, "shards": rows["shards"], "shards_reused": rows["reused"]}
     tables = {"selfcheck.csv": table}
     if classification:
