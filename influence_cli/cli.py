@@ -320,6 +320,33 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
 
 
 @app.command()
+def explain(test_id: Annotated[str, typer.Argument(help="The id of one test example (data.test's id column).")],
+            config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+            as_json: JsonOpt = False, debug: DebugOpt = False,
+            top: Annotated[int, typer.Option(min=1, help="Most helpful and most harmful rows to show.")] = 10,
+            no_cache: NoCacheOpt = False) -> None:
+    """One test example: its prediction and its most helpful and most harmful training examples (explain.csv).
+
+    Example: infl explain d0022 -c configs/digits.yaml --top 5
+    """
+    ui = render.UI(quiet, as_json)
+    with _run_command(debug):
+        from . import report
+        from .commands.explain import ExplainOptions
+        from .commands.explain import explain as explain_command
+        from .run import Run
+
+        cfg = _load(config, set_, out, no_cache=no_cache)
+        with ui.progress() as progress:
+            result = explain_command(Run.open(cfg, "explain", progress, need_test=True), ExplainOptions(test_id, top))
+        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        ui.finish(result, files)
+        if ui.show:
+            render.explain_panel(ui, result.summary, result.tables["explain.csv"], files)
+    raise typer.Exit(0)
+
+
+@app.command()
 def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier selfcheck report.")],
          new_dir: Annotated[Path, typer.Argument(help="Folder of the later selfcheck report.")],
          out: Annotated[Path | None, typer.Option("--out", "-o", help="Where diff.csv goes (default NEW_DIR).")]

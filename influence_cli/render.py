@@ -196,3 +196,17 @@ def report_gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
 
 
+
+
+def explain_panel(ui: UI, s: dict[str, Any], table: Any, files: list[Path]) -> None:
+    """The test row in a panel, then its helpful and harmful training rows."""
+    from rich.panel import Panel
+
+    prob = f", p(label) {s['prob_label']:.3g}" if s.get("prob_label") is not None else ""
+    ui.out.print(Panel(f"label {s['test_label']}   predicted {s['predicted']}{prob}   loss {s['loss']:.4g}",
+                       title=f"test example {s['test_id']}", expand=False))
+    cols = ["rank", "train_id", "train_label", "loss_change_if_removed"]
+    for direction, title in (("helpful", "most helpful (removing it would raise the loss)"),
+                             ("harmful", "most harmful (removing it would lower the loss)")):
+        ui.table(title, table[table.direction == direction], cols, s["top"])
+    ui.out.print(f"wrote {', '.join(str(f) for f in files)}")

@@ -510,3 +510,22 @@ def test_a_model_that_fits_nothing_is_warned_about_where_the_user_looks(capsys, 
     code, _, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path / "r"), "--no-cache",
                        "--set", f"model.checkpoint={tmp_path / 'zero.pt'}")
     assert code == 0 and "warning: the model predicts only" in err and "not at a minimum" in err
+
+
+def test_explain_is_rank_restricted_to_one_test_row(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "explain", "d0022", "-c", cfg, "-o", str(tmp_path / "e"), "--top", "4", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["test_id"] == "d0022" and doc["loss"] > 0 and doc["predicted"] != ""
+    table = pd.read_csv(tmp_path / "e" / "explain.csv", dtype={"test_id": str})
+    assert list(table.columns[:8]) == ["test_id", "test_label", "predicted", "direction", "rank", "train_id",
+                                       "train_label", "loss_change_if_removed"]
+    assert run(capsys, "rank", "-c", cfg, "-o", str(tmp_path / "r"), "--top", "4", "--test-ids", "d0022",
+               "--quiet")[0] == 0
+    for direction in ("helpful", "harmful"):
+        ranked = pd.read_csv(tmp_path / "r" / f"{direction}.csv")
+        mine = table[table.direction == direction]
+        assert mine.train_id.tolist() == ranked.train_id.tolist()
+        np.testing.assert_array_equal(mine.loss_change_if_removed.to_numpy(), ranked.loss_change_if_removed.to_numpy())
+    code, _, err = run(capsys, "explain", "nope", "-c", cfg, "-o", str(tmp_path / "e"))
+    assert code == 2 and "nope" in err
