@@ -237,3 +237,28 @@ def test_lissa_estimate_counts_n_solves_and_the_power_iteration():
     cost = LissaSolver.estimate(config, 10_000, 650)
     assert cost.fit_flops >= 10_000 * 500 * 100 * 650  # n solves x depth x batch rows x p
     assert "n solves" in cost.note
+
+
+def test_pcg_is_the_one_cg_loop_and_leaves_its_right_hand_side_alone():
+    """pcg.py with M = I is plain CG (the cg solver); with M = A^-1 it is done in one step (refine's exact case)."""
+    from influence_cli.solvers.pcg import lanczos_extremes, pcg
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64, generator=g))
+    eig = torch.linspace(0.5, 4.0, 8, dtype=torch.float64)
+    a = q @ torch.diag(eig) @ q.T
+    b = torch.randn(3, 8, dtype=torch.float64, generator=g)
+    b[1] = 0
+    kept = b.clone()
+    plain = pcg(lambda d: d @ a, b, 50, 1e-12, track=0)
+    torch.testing.assert_close(b, kept, rtol=0, atol=0)  # the identity preconditioner must not alias b
+    torch.testing.assert_close(plain.x, torch.linalg.solve(a, b.T).T, rtol=1e-9, atol=1e-12)
+    assert plain.steps.tolist()[1] == 0 and plain.steps.max() <= 8 and plain.residual.max() <= 1e-12
+    low, high = lanczos_extremes(plain.alphas, plain.betas)
+    assert abs(low - 0.5) < 1e-8 and abs(high - 4.0) < 1e-8
+    exact = pcg(lambda d: d @ a, b, 5, 1e-12, precondition=lambda r: torch.linalg.solve(a, r.T).T)
+    assert exact.passes == 1 and exact.steps.tolist() == [1, 0, 1]
+    torch.testing.assert_close(exact.x, plain.x, rtol=1e-9, atol=1e-12)
+    indefinite = pcg(lambda d: -(d @ a), b, 5, 1e-12)
+    assert indefinite.stalled.tolist() == [True, False, True] and indefinite.negative_curvature == 2
+    assert not indefinite.x.any()

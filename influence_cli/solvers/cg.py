@@ -1,7 +1,7 @@
 """Conjugate-gradient solver: (H + damping I)^-1 V by block CG on full-data Hessian-vector products.
 
-Method: k independent CG recurrences (one per right-hand side) run in lockstep, so that each
-iteration costs ONE pass over the training rows (`GradientSource.hvp` applies H to all k vectors
+Method: k independent CG recurrences (one per right-hand side) run in lockstep (pcg.py with M = I), so that
+each iteration costs ONE pass over the training rows (`GradientSource.hvp` applies H to all k vectors
 in that pass). A column stops once its relative residual ||v - A x|| / ||v|| <= tol (A = H + damping I)
 and is dropped from later passes. Float64 throughout. There is no fit-time factorization: `fit`
 only stores the problem; all work happens in `ihvp`, which ends with one more pass to measure the
@@ -26,6 +26,7 @@ from ..config import SolverConfig
 from ..gradients import BLOCK_BYTES, GradientSource
 from ..objective import Problem
 from .base import Cost, Progress, require_fitted
+from .pcg import lanczos_extremes, pcg
 
 HVP_FLOPS_PER_ROW = 4.0  # x p: one Hessian-vector product on one row (as direct.py counts it)
 
@@ -65,53 +66,16 @@ class CGSolver:
         """(H + damping I)^-1 v for v of shape (k, p), by k CG recurrences in lockstep; float64 (k, p)."""
         source: GradientSource = require_fitted(self, "_source")
         b = v.to(torch.float64)
-        k = b.shape[0]
-        x = torch.zeros_like(b)
-        r = b.clone()
-        d = r.clone()
-        b_norm = b.norm(dim=1)
-        rs = r.square().sum(1)
-        iterations = torch.zeros(k, dtype=torch.long, device=b.device)
-        active = (b_norm > 0).nonzero().flatten()
-        tol, max_iter = self.config.cg.tol, self.config.cg.max_iter
-        alphas: list[float] = []
-        betas: list[float] = []
-        track = 0 if self._eig_estimate is None and k > 0 and b_norm[0] > 0 else None  # Lanczos on column 0
-        for _ in range(max_iter):
-            active = active[rs[active].sqrt() > tol * b_norm[active]]
-            if len(active) == 0:
-                break
-            ad = source.hvp(d[active])
-            self._passes += 1
-            curvature = (d[active] * ad).sum(1)
-            bad = curvature <= 0
-            if bool(bad.any()):  # not positive definite along d: stop those columns where they are
-                self._negative_curvature += int(bad.sum())
-                if track is not None and bool((active[bad] == track).any()):
-                    track = None
-                keep = ~bad
-                active, ad, curvature = active[keep], ad[keep], curvature[keep]
-                if len(active) == 0:
-                    break
-            alpha = rs[active] / curvature
-            x[active] += alpha[:, None] * d[active]
-            r[active] -= alpha[:, None] * ad
-            rs_new = r[active].square().sum(1)
-            beta = rs_new / rs[active]
-            d[active] = r[active] + beta[:, None] * d[active]
-            rs[active] = rs_new
-            iterations[active] += 1
-            if track is not None:
-                at = (active == track).nonzero()
-                if len(at):
-                    alphas.append(float(alpha[at[0, 0]]))
-                    betas.append(float(beta[at[0, 0]]))
-        if alphas:
-            self._eig_estimate = _lanczos_extremes(alphas, betas)
-        self._unconverged += int((rs.sqrt() > tol * b_norm).sum())
-        true_residual = (b - source.hvp(x)).norm(dim=1) / b_norm.clamp_min(torch.finfo(torch.float64).tiny)
-        self._passes += 1
-        self._iterations += iterations.tolist()
+        track = 0 if self._eig_estimate is None and len(b) > 0 and bool(b[0].any()) else None  # Lanczos on column 0
+        res = pcg(source.hvp, b, self.config.cg.max_iter, self.config.cg.tol, track=track)
+        if res.alphas:
+            self._eig_estimate = lanczos_extremes(res.alphas, res.betas)
+        self._negative_curvature += res.negative_curvature
+        self._unconverged += int((res.residual > self.config.cg.tol).sum())
+        x = res.x
+        true_residual = (b - source.hvp(x)).norm(dim=1) / b.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        self._passes += res.passes + 1
+        self._iterations += res.steps.tolist()
         self._residuals += true_residual.tolist()
         return x
 
@@ -140,13 +104,3 @@ class CGSolver:
             info["warnings"] = warnings
         return info
 
-
-def _lanczos_extremes(alphas: list[float], betas: list[float]) -> tuple[float, float]:
-    """(smallest, largest) eigenvalue of the Lanczos tridiagonal built from CG's step sizes: Ritz
-    values that approach A's extreme eigenvalues as CG converges (the smallest from above)."""
-    m = len(alphas)
-    diag = torch.tensor([1 / alphas[i] + (betas[i - 1] / alphas[i - 1] if i else 0.0) for i in range(m)],
-                        dtype=torch.float64)
-    off = torch.tensor([betas[i] ** 0.5 / alphas[i] for i in range(m - 1)], dtype=torch.float64)
-    values = torch.linalg.eigvalsh(torch.diag(diag) + torch.diag(off, 1) + torch.diag(off, -1))
-    return float(values[0]), float(values[-1])
