@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .errors import DataError
+from .layers import capture
 from .objective import Problem
 
 with warnings.catch_warnings():  # torch's jvp rules use torch.jit.script, which warns on first import
@@ -222,21 +223,19 @@ def linear_head_hessian(source: GradientSource, dtype: torch.dtype, progress: Pr
     layer = _output_linear(problem)
     if layer is None:
         return None
-    model, objective, names = problem.model, problem.objective, problem.params.names
+    model, objective = problem.model, problem.objective
     module, has_w, has_b = layer
     c_out, d_in = module.out_features, module.in_features
     width = (d_in if has_w else 0) + (1 if has_b else 0)
     p = c_out * width
     hess = torch.zeros(p, p, dtype=dtype, device=problem.device)
-    captured: list[Tensor] = []
-    handle = module.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
     done = 0
-    try:
+    with capture({"head": module}) as seen:
         for _, x, y in problem.train_loader:
-            captured.clear()
+            seen.clear()
             with torch.no_grad():
                 out = model(x.to(problem.device))
-            feats = captured[0].to(dtype).reshape(len(x), -1)
+            feats = seen.single("head").input.to(dtype).reshape(len(x), -1)
             parts = ([feats] if has_w else []) + ([torch.ones(len(x), 1, dtype=dtype, device=feats.device)] if has_b else [])
             a = torch.cat(parts, dim=1)  # (B, width)
             diag, low = objective.output_hessian(out.to(dtype), y.to(problem.device))
@@ -250,15 +249,12 @@ def linear_head_hessian(source: GradientSource, dtype: torch.dtype, progress: Pr
             done += len(x)
             if progress is not None:
                 progress(done, problem.n)
-    finally:
-        handle.remove()
     hess /= problem.n
     # (class, input) layout -> ParamSpace layout: weight (C, d) row-major, then bias (C,)
     index = torch.arange(p, device=hess.device).view(c_out, width)
     order = torch.cat(([index[:, :d_in].reshape(-1)] if has_w else []) + ([index[:, -1]] if has_b else []))
     hess = hess[order][:, order]
     hess.diagonal().add_(objective.weight_decay + problem.damping)
-    del names
     return hess
 
 
@@ -275,13 +271,10 @@ def _output_linear(problem: Problem) -> tuple[torch.nn.Linear, bool, bool] | Non
     else:
         return None
     _, x, _ = next(iter(problem.train_loader))
-    seen: list[Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
-    try:
+    with capture({"head": module}) as recorded:
         with torch.no_grad():
             out = model(x[:2].to(problem.device))
-    finally:
-        handle.remove()
+    seen = [record.output for record in recorded.calls["head"]]
     if len(seen) != 1 or seen[0].shape != out.shape or seen[0].dim() != 2 or not torch.equal(seen[0], out):
         return None
     weight = f"{prefix}.weight" if prefix else "weight"

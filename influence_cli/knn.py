@@ -1,6 +1,6 @@
 """FastIF narrowing (Guo et al. 2021) for `infl rank --knn K`: which training rows to score per test row.
 
-The metrics read nn.Linear layers through forward hooks: a layer's input a (a' = a with a 1 appended when its bias
+The metrics read nn.Linear layers through forward hooks (layers.capture): a layer's input a (a' = a with a 1 appended when its bias
 is scored) and its output gradient r = dL/d(its output) (cross-entropy at the last layer: softmax - onehot). A
 Linear layer's per-example gradient is r a'^T, so products of two rows' gradients factor into (a'.a')(r.r).
   cosine  the K largest a_t.a_z / (|a_t| |a_z|), a the input of the model's last Linear layer (FastIF's features)
@@ -38,6 +38,7 @@ from torch.utils.data import default_collate
 from .data import CastLoader, Split, TensorRows, make_loader
 from .errors import ConfigError, DataError
 from .gradients import BLOCK_BYTES, GradientSource
+from .layers import capture
 from .objective import Problem
 
 METRICS = ("cosine", "l2", "grad", "kfac")
@@ -202,17 +203,11 @@ def _sites(problem: Problem, metric: str) -> tuple[list[_Site], list[str]]:
 
 def _one_vector_per_row(problem: Problem, sites: list[_Site]) -> tuple[list[_Site], list[str]]:
     """(sites whose input is one vector per row in a forward pass of one training row, names of the others)."""
-    dims: dict[int, list[int]] = {s: [] for s in range(len(sites))}
-    hooks = [site.module.register_forward_hook(lambda _m, inputs, _out, s=s: dims[s].append(inputs[0].dim()))
-             for s, site in enumerate(sites)]
-    try:
+    with capture(_modules(sites)) as seen:
         _, x, _ = next(iter(problem.train_loader))
         with torch.no_grad():
             problem.model(x[:1].to(problem.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    keep = [dims[s] == [2] for s in range(len(sites))]
+    keep = [[r.input.dim() for r in seen.calls[site.name]] == [2] for site in sites]
     return ([site for site, ok in zip(sites, keep, strict=True) if ok],
             [site.name or "model" for site, ok in zip(sites, keep, strict=True) if not ok])
 
@@ -222,43 +217,28 @@ def _passes(problem: Problem, sites: list[_Site], loader: Batches, metric: str, 
     """Per batch: each site's features and output gradient per row (one batched backward), the per-row losses
     and, with params, the gradient of the summed loss in the selected parameters."""
     model, obj, device = problem.model, problem.objective, problem.device
-    seen: dict[int, list[tuple[Tensor, Tensor]]] = {s: [] for s in range(len(sites))}
-
-    def make(s: int):  # noqa: ANN202
-        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
-            if not out.requires_grad:  # nothing before it is differentiated: detaching cuts no path
-                out = out.detach().requires_grad_()
-            seen[s].append((inputs[0].detach(), out))
-            return out
-        return hook
-
     named = dict(model.named_parameters())
-    handles = [site.module.register_forward_hook(make(s)) for s, site in enumerate(sites)]
-    try:
+    with capture(_modules(sites), context="--knn: ", hint="use --knn-metric cosine, or a model whose Linear layers"
+                 " run once per row") as seen:
         for idx, x, y in loader:
-            for s in seen:
-                seen[s].clear()
+            seen.clear()
             theta = {n: named[n].detach().requires_grad_() for n in problem.params.names} if params else {}
             with torch.enable_grad():
                 y = y.to(device)
                 out = functional_call(model, theta, (x.to(device),))
                 losses = obj.per_example_loss(out, y)
-                for s, site in enumerate(sites):
-                    if len(seen[s]) != 1:
-                        raise ConfigError(f"--knn: Linear layer {site.name or 'model'} ran {len(seen[s])} times in"
-                                          " one forward pass", hint="use --knn-metric cosine, or a model whose Linear"
-                                          " layers run once per row")
-                outs = [seen[s][0][1] for s in range(len(sites))]
-                grads = torch.autograd.grad(losses.sum(), [*outs, *theta.values()], allow_unused=True)
+                records = [seen.single(site.name) for site in sites]
+                grads = torch.autograd.grad(losses.sum(), [*(r.output for r in records), *theta.values()],
+                                            allow_unused=True)
             bad = ~torch.isfinite(losses.detach())
             if bool(bad.any()):
                 where = [ids[i] if ids else str(i) for i in idx[bad.cpu()].tolist()[:5]]
                 raise DataError(f"loss is NaN/inf for rows with id {', '.join(where)}",
                                 hint="check those rows' features and labels, and that the checkpoint is not diverged")
             a_list, r_list = [], []
-            for s, site in enumerate(sites):
-                a, out_s = seen[s][0]
-                r = torch.zeros_like(out_s) if grads[s] is None else grads[s]
+            for s, (site, record) in enumerate(zip(sites, records, strict=True)):
+                a = record.input
+                r = torch.zeros_like(record.output) if grads[s] is None else grads[s]
                 if metric in ("grad", "kfac"):  # _sites kept only layers that see one vector per row
                     a = site.features(a)
                 a_list.append(a.flatten(1))
@@ -269,9 +249,10 @@ def _passes(problem: Problem, sites: list[_Site], loader: Batches, metric: str, 
                 filled = {n: torch.zeros_like(theta[n]) if g is None else g for n, g in zip(theta, rest, strict=True)}
                 param_grads = problem.params.flatten(filled)
             yield _Rows(idx, a_list, r_list, losses.detach(), param_grads)
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def _modules(sites: list[_Site]) -> dict[str, nn.Module]:
+    return {site.name: site.module for site in sites}
 
 
 class _Totals:

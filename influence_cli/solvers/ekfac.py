@@ -48,6 +48,7 @@ from .ekfac_layers import (
     Layer,
     capture,
     chunks,
+    features,
     find_layers,
     fitted,
     plan,
@@ -222,11 +223,11 @@ class EkfacSolver:
                     names = ", ".join(ids[r] if ids is not None else str(r) for r in bad)
                     raise DataError(f"loss is NaN/inf for rows with id {names}",
                                     hint="check those rows' features and labels, and that the checkpoint is not diverged")
-                s_list = [records[layer.path][1] for layer in layers]
+                s_list = [records.single(layer.path).output for layer in layers]
                 grads = torch.autograd.grad(losses.sum(), s_list, allow_unused=True)
                 si = torch.zeros(len(x), dtype=torch.float64, device=problem.device)
                 for layer, g in zip(layers, grads, strict=True):
-                    a = records[layer.path][0]
+                    a = features(layer, records)
                     gs = layer.out_grads(g) if g is not None else a.new_zeros(*a.shape[:2], layer.shape()[0])
                     si += quadratic_form(layer, a, gs)
                 records.clear()

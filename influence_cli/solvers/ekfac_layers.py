@@ -1,9 +1,9 @@
 """EK-FAC's layer plumbing: which modules are factored, what a forward pass records, and the per-row
 pseudo-gradients the Kronecker factors are built from (see ekfac.py for the method).
 
-`find_layers` groups the selected parameters by nn.Linear / nn.Conv2d module; `capture` is a `with` block of
-forward hooks that record each layer's features a (B, T, in') and output (to differentiate to), always removed
-on exit; `pseudo_gradients` pulls the columns of the output factor B (B B^T = the loss Hessian in the outputs)
+`find_layers` groups the selected parameters by nn.Linear / nn.Conv2d module; `capture` is layers.capture (the
+project's one `with` block of forward hooks, always removed on exit) on those layers, and `features` turns a
+recorded input into a (B, T, in'); `pseudo_gradients` pulls the columns of the output factor B (B B^T = the loss Hessian in the outputs)
 back to every layer's output in one vmapped backward per chunk of rows. `sum_squared_projections` and
 `quadratic_form` evaluate (U_S^T G U_A)^2 sums from a and g without forming G for Linear layers on 2-D input.
 """
@@ -11,7 +11,7 @@ back to every layer's output in one vmapped backward per chunk of rows. `sum_squ
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from ..config import EkfacConfig
 from ..errors import ConfigError, NotFittedError
 from ..gradients import BLOCK_BYTES
+from ..layers import Captured
+from ..layers import capture as layer_capture
 from ..objective import Problem
 
 EXACT_MAX_OUTPUTS = 64  # output_factor auto: exact GN columns up to this many model outputs, else sampled
@@ -111,29 +113,16 @@ def find_layers(problem: Problem) -> list[Layer]:
     return list(found.values())
 
 
-@contextmanager
-def capture(layers: list[Layer]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-    """Forward hooks recording each layer's features (B, T, in') and output (a tensor autograd can
-    differentiate to); always removed on exit. The model and its parameters are left untouched."""
-    records: dict[str, tuple[Tensor, Tensor]] = {}
+def capture(layers: list[Layer]) -> AbstractContextManager[Captured]:
+    """layers.capture on the factored layers (by path): each layer's input and output per call, hooks always
+    removed on exit. The model and its parameters are left untouched."""
+    return layer_capture({layer.path: layer.module for layer in layers}, context="solver.name: ekfac: ",
+                         hint="exclude it with params: [list of prefixes], or use solver.name: arnoldi")
 
-    def make(layer: Layer):  # noqa: ANN202
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            if layer.path in records:
-                raise ConfigError(f"solver.name: ekfac needs each layer called once per forward; {layer.path} is"
-                                  " called more often (shared weights)", hint="exclude it with params: [prefixes]")
-            s = output if output.requires_grad else output.detach().requires_grad_()
-            records[layer.path] = (layer.features(inputs[0].detach()), s)
-            return s.clone()  # downstream in-place ops must not overwrite the tensor we differentiate to
 
-        return hook
-
-    handles = [layer.module.register_forward_hook(make(layer)) for layer in layers]
-    try:
-        yield records
-    finally:
-        for h in handles:
-            h.remove()
+def features(layer: Layer, records: Captured) -> Tensor:
+    """The layer's features (B, T, in') in the last forward pass (it must have run once)."""
+    return layer.features(records.single(layer.path).input)
 
 
 def _cotangents(problem: Problem, out: Tensor, mode: str, samples: int, gen: torch.Generator) -> Tensor:
@@ -161,14 +150,14 @@ def _cotangents(problem: Problem, out: Tensor, mode: str, samples: int, gen: tor
     return scale * z
 
 
-def plan(problem: Problem, layers: list[Layer], records: dict[str, tuple[Tensor, Tensor]], x: Tensor,
+def plan(problem: Problem, layers: list[Layer], records: Captured, x: Tensor,
           opts: EkfacConfig | None) -> tuple[str, int]:
     """Forward one row: (exact | sample, rows per chunk so that features and m pseudo-gradients of all layers
     stay under the gradient memory budget). opts None: one true gradient per row (self-influence)."""
     records.clear()
     with torch.no_grad():
         k = problem.model(x).reshape(len(x), -1).shape[1]
-    missing = [layer.path for layer in layers if layer.path not in records]
+    missing = records.missing()
     if missing:
         raise ConfigError(f"solver.name: ekfac: layers {', '.join(missing)} are not called in the forward pass",
                           hint="exclude their parameters with params: [list of prefixes]")
@@ -177,7 +166,7 @@ def plan(problem: Problem, layers: list[Layer], records: dict[str, tuple[Tensor,
         mode = "exact" if k <= EXACT_MAX_OUTPUTS else "sample"
     m = 1 if opts is None else (k if mode == "exact" else opts.samples)
     per_row = sum(a.shape[1] * (a.shape[2] + m * layer.shape()[0]) for layer in layers
-                  for a in [records[layer.path][0]])
+                  for a in [features(layer, records)])
     records.clear()
     return mode, max(1, BLOCK_BYTES // (4 * per_row * x.element_size()))
 
@@ -189,7 +178,7 @@ def chunks(loader: Iterable[tuple[Tensor, Tensor, Tensor]], rows: int) -> Iterat
             yield idx[s : s + rows], x[s : s + rows], y[s : s + rows]
 
 
-def pseudo_gradients(problem: Problem, layers: list[Layer], records: dict[str, tuple[Tensor, Tensor]],
+def pseudo_gradients(problem: Problem, layers: list[Layer], records: Captured,
                       mode: str, samples: int, rows: int) -> Iterator[tuple[Tensor, list[Tensor], list[Tensor]]]:
     """Per chunk of rows: (x, features per layer (B, T, in'), pseudo-gradients per layer (m, B, T, out)).
     Sampled cotangents come from a generator seeded with problem.seed, the same draws on every pass."""
@@ -199,9 +188,9 @@ def pseudo_gradients(problem: Problem, layers: list[Layer], records: dict[str, t
         x = x.to(problem.device)
         out = problem.model(x)
         cot = _cotangents(problem, out, mode, samples, gen)
-        s_list = [records[layer.path][1] for layer in layers]
+        s_list = [records.single(layer.path).output for layer in layers]
         grads = _pullback(out, s_list, cot.reshape(cot.shape[0], *out.shape))
-        feats = [records[layer.path][0] for layer in layers]
+        feats = [features(layer, records) for layer in layers]
         pseudo = [layer.out_grads(g.flatten(0, 1)).unflatten(0, g.shape[:2]) if g is not None
                   else a.new_zeros(cot.shape[0], *a.shape[:2], layer.shape()[0])
                   for layer, a, g in zip(layers, feats, grads, strict=True)]
