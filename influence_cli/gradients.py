@@ -47,16 +47,8 @@ class GradientSource:
 
     # ---- functional pieces -------------------------------------------------------------------
     def _state(self, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(selected params, everything else the forward needs), detached, optionally cast."""
-        model, chosen = self.problem.model, set(self.problem.params.names)
-
-        def cast(t: Tensor) -> Tensor:
-            return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
-
-        theta = {n: cast(p) for n, p in model.named_parameters() if n in chosen}
-        rest = {n: cast(p) for n, p in model.named_parameters() if n not in chosen}
-        rest.update({n: cast(b) for n, b in model.named_buffers()})
-        return theta, rest
+        """(selected params, everything else the forward needs), detached, optionally cast (ParamSpace.split)."""
+        return self.problem.params.split(self.problem.model, dtype)
 
     def _forward(self, theta: dict[str, Tensor], rest: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.problem.model, {**theta, **rest}, (x,))

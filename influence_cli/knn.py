@@ -217,15 +217,15 @@ def _passes(problem: Problem, sites: list[_Site], loader: Batches, metric: str, 
     """Per batch: each site's features and output gradient per row (one batched backward), the per-row losses
     and, with params, the gradient of the summed loss in the selected parameters."""
     model, obj, device = problem.model, problem.objective, problem.device
-    named = dict(model.named_parameters())
+    selected, fixed = problem.params.split(model)
     with capture(_modules(sites), context="--knn: ", hint="use --knn-metric cosine, or a model whose Linear layers"
                  " run once per row") as seen:
         for idx, x, y in loader:
             seen.clear()
-            theta = {n: named[n].detach().requires_grad_() for n in problem.params.names} if params else {}
+            theta = {n: t.detach().requires_grad_() for n, t in selected.items()} if params else {}
             with torch.enable_grad():
                 y = y.to(device)
-                out = functional_call(model, theta, (x.to(device),))
+                out = functional_call(model, {**selected, **fixed, **theta}, (x.to(device),))
                 losses = obj.per_example_loss(out, y)
                 records = [seen.single(site.name) for site in sites]
                 grads = torch.autograd.grad(losses.sum(), [*(r.output for r in records), *theta.values()],

@@ -107,6 +107,22 @@ class ParamSpace:
         params = dict(model.named_parameters())
         return {n: params[n].detach().to(dtype or params[n].dtype) for n in self.names}
 
+    def split(self, model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(selected, fixed): the selected parameters (in `names` order) and every other parameter and buffer of
+        `model`, detached (floating-point ones cast to `dtype` when given), so that
+        `torch.func.functional_call(model, {**selected, **fixed}, args)` is the model as a function of the
+        selected parameters alone. The model itself is not changed."""
+        chosen = set(self.names)
+
+        def cast(t: Tensor) -> Tensor:
+            return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+
+        params = dict(model.named_parameters())
+        selected = {n: cast(params[n]) for n in self.names}
+        fixed = {n: cast(t) for n, t in params.items() if n not in chosen}
+        fixed.update({n: cast(b) for n, b in model.named_buffers()})
+        return selected, fixed
+
     def flatten(self, tensors: dict[str, Tensor], batched: bool = False) -> Tensor:
         """dict of (*shape) -> (p,), or with batched=True dict of (B, *shape) -> (B, p)."""
         if batched:

@@ -137,3 +137,25 @@ def test_rank_gradient_norm_equals_the_objective_gradient(tmp_path):
     value, grad = GradientSource(run.problem).objective_gradient()
     assert result.summary["objective_at_checkpoint"] == pytest.approx(value, rel=1e-6)
     assert result.summary["grad_norm_at_checkpoint"] == pytest.approx(float(grad.norm()), rel=1e-3, abs=1e-7)
+
+
+def test_param_space_split_is_the_model_as_a_function_of_the_selected_parameters():
+    from torch import nn
+
+    from influence_cli.objective import ParamSpace
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).float().eval()
+    space = ParamSpace.select(model, ("2",))
+    selected, fixed = space.split(model, torch.float64)
+    assert tuple(selected) == space.names == ("2.weight", "2.bias")
+    assert set(fixed) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                          "1.num_batches_tracked"}
+    assert all(t.dtype == torch.float64 and not t.requires_grad for t in selected.values())
+    assert fixed["1.num_batches_tracked"].dtype == torch.long  # only floating-point tensors are cast
+    x = torch.randn(5, 3)
+    doubled = {n: 2 * t for n, t in selected.items()}
+    out = torch.func.functional_call(model.double(), {**doubled, **fixed}, (x.double(),))
+    with torch.no_grad():
+        model[2].weight.mul_(2)
+        model[2].bias.mul_(2)
+        torch.testing.assert_close(out, model(x.double()))
