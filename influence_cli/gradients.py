@@ -2,8 +2,10 @@
 
 Everything goes through `torch.func.functional_call` with a dict of the selected parameters; the
 model itself is never mutated. Per-example gradients are `vmap(grad(loss of one row))`, streamed in
-blocks of rows small enough that a (rows, p) block stays under a memory budget. HVPs are
-forward-over-reverse (`jvp` of `grad`), vmapped over many vectors at once.
+blocks of rows small enough that a (rows, p) block stays under a memory budget. HVPs, vmapped over many
+vectors at once, are reverse-over-reverse for the exact Hessian (`vjp` of `grad`: H is symmetric, so the
+pullback of the gradient is H v) and J^T Lambda J v for Gauss-Newton (`jvp` of the forward, `jvp` of the
+loss gradient in the outputs, then the forward's `vjp`).
 """
 
 from __future__ import annotations
@@ -120,8 +122,8 @@ class GradientSource:
             return obj.per_example_loss(out, y).sum() / n
 
         if self.problem.hessian == "exact":
-            # H is symmetric, so the vjp of the gradient is H v: reverse-over-reverse measured ~10x faster
-            # than forward-over-reverse (jvp of grad) for many vectors at once on CPU
+            # H is symmetric, so the vjp of the gradient is H v (reverse-over-reverse: faster than jvp of grad
+            # for many vectors at once on CPU)
             _, pullback_of_grad = vjp(grad(lambda th: batch_loss_of_outputs(self._forward(th, rest, x))), theta)
             return lambda v: pullback_of_grad(v)[0]
         out, pullback = vjp(lambda th: self._forward(th, rest, x), theta)

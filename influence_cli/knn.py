@@ -12,8 +12,8 @@ Linear layer's per-example gradient is r a'^T, so products of two rows' gradient
           A_l = mean a' a'^T and S_l = mean r r^T over every ceil(n / FACTOR_ROWS)-th training row, each damped by
           KFAC_DAMPING x its mean eigenvalue: the influence under a block-diagonal Kronecker-factored Hessian,
           approximately. Without the curvature, the features' common direction (post-ReLU features all point one
-          way) swamps the products. The damping is large on purpose: swept over 0.001-1 on the MLP and logistic
-          regression of benchmarks/knn_speed.py, 0.3 kept the most of the exact top-10 on both (README).
+          way) swamps the products. The damping is large on purpose: the factors come from a subsample and serve
+          only to pick candidates (README: the damping sweep behind KFAC_DAMPING).
 A test row's r is that of its own label (the test loss it is about), a training row's r that of its label (the
 training loss whose removal is scored). grad and kfac read the layers that see one vector per row (2-D input): a
 Linear layer run per position (a sequence) is left out and named in the summary, and an error with a hint to use
@@ -43,7 +43,7 @@ from .objective import Problem
 
 METRICS = ("cosine", "l2", "grad", "kfac")
 FACTOR_ROWS = 10_000  # kfac: its factors are estimated from every ceil(n / FACTOR_ROWS)-th training row
-KFAC_DAMPING = 0.3  # relative to each factor's mean eigenvalue: chosen from 0.001-1 on benchmarks/knn_speed.py workloads (README)
+KFAC_DAMPING = 0.3  # relative to each factor's mean eigenvalue (benchmarks/knn_speed.py --kfac-damping; README)
 Batches = Iterable[tuple[Tensor, Tensor, Tensor]]
 
 

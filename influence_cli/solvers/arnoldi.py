@@ -3,16 +3,13 @@ a constant for the rest of the spectrum instead of dropping it.
 
 Method. `block_krylov` (pure; takes any symmetric `hvp` callable) runs block Arnoldi with full
 reorthogonalization in float64: each pass applies H to a block of b = rank + oversample vectors in
-ONE data pass (batched HVPs cost far less per vector than one-at-a-time Lanczos: on the digits
-sample a 70-vector pass took 1-3x the time of a 1-vector pass, 13 vs 930 ms per vector), projects the image on
+ONE data pass (batched HVPs cost far less per vector than one-at-a-time Lanczos), projects the image on
 the whole basis (Gram-Schmidt twice), and grows the basis by the orthonormalized remainder. Ritz
 pairs of T = Q^T H Q are checked after each pass, and it stops when the top-`rank` residuals
 ||H u - theta u|| <= tol * max|theta|. The start block is b training gradients of random rows (the
-directions influence is computed on; on the digits sample their Ritz residuals are 2-5x smaller
-per pass than from a Gaussian block: 4 passes instead of 5 at rank 50), topped up with Gaussian
-vectors. When the basis would outgrow the memory
-limit it restarts from the top-b Ritz vectors (a thick restart: exact, the Ritz vectors' images lie
-in the new space).
+directions influence is computed on, whose Ritz residuals shrink faster per pass than from a Gaussian
+block), topped up with Gaussian vectors. When the basis would outgrow the memory limit it restarts from
+the top-b Ritz vectors (a thick restart: exact, the Ritz vectors' images lie in the new space).
 
 Approximation (the documented one, used by ihvp and half_ihvp), with U (r, p) the top-r Ritz
 vectors by |theta| and P = U^T U:
@@ -25,16 +22,9 @@ Rayleigh quotient of the probe gradients' complement parts r_i = (I - P) g_i:
 c = sum_i r_i^T H r_i / sum_i ||r_i||^2, i.e. the curvature H has where the gradients' remainder
 lives, at no extra HVP (H g_i is the first pass's image of the start block; U^T H U = diag(theta)).
 It lies in [lambda_min, lambda_{r+1}]. complement: ritz uses c = min retained |theta| instead.
-Spearman with direct's `loss_change_if_removed` on the mean test loss, rank 20 / 50 / 100, on the
-digits logistic regression (650 parameters):
-  none 0.56 / 0.75 / 0.88; ritz 0.86 / 0.94 / 0.98; rayleigh 0.89 / 0.95 / 0.99;
-  and with exact eigenpairs: mean of the remaining spectrum (Hutchinson-style trace(H) - sum theta,
-  over p - r) 0.73 / 0.84 / 0.97; c = lambda_min 0.66 / 0.76 / 0.92; best c in hindsight 0.90 / 0.96 / 0.99;
-on a 2410-parameter MLP (64-32-10, Gauss-Newton H): none 0.60 / 0.75 / 0.88; ritz 0.87 / 0.93 / 0.98;
-rayleigh 0.89 / 0.95 / 0.99; best c in hindsight 0.90 / 0.96 / 0.99.
-The trace mean and lambda_min are pulled down by directions no gradient visits (softmax's null space
-sits at exactly weight_decay + damping), so a gradient-weighted c wins. c is clamped to
-[1e-10 max|theta|, min |theta|]; negative Ritz values (an indefinite exact Hessian) are used by
+A trace mean of the remaining spectrum or lambda_min would be pulled down by directions no gradient
+visits (softmax's null space sits at exactly weight_decay + damping): c is weighted by the gradients
+instead. c is clamped to [1e-10 max|theta|, min |theta|]; negative Ritz values (an indefinite exact Hessian) are used by
 absolute value, as direct does. With rank + oversample >= p the start block is the identity and all p
 eigenpairs are kept: one pass of p HVPs, exact (rank is reported as p).
 
@@ -47,10 +37,9 @@ kept Ritz value (a truncated inverse is singular, and CG preconditioned by it ne
 
 Cost: passes * b HVPs (each pass ~ 4 forward passes of b vectors over the n rows) + one
 per-example gradient pass over the probe rows; memory (dim + 9b) p float64 numbers during fit
-(dim = Krylov basis size; it grows in place, and a pass's working blocks measured ~9b rows: 3.4 GB
-peak for a 1.6 GB basis at p = 300k, b = 70, 10 passes, where growing it by concatenation peaked at
-4.6 GB), r p after. ihvp: 4 k p r flops for k vectors; self-influence is
-||A g||^2 with the symmetric square root A = U^T |theta|^-1/2 U + (I - P) / sqrt(c).
+(dim = Krylov basis size; it grows in place; a pass's working blocks take ~9b rows), r p after.
+ihvp: 4 k p r flops for k vectors; self-influence is ||A g||^2 with the symmetric square root
+A = U^T |theta|^-1/2 U + (I - P) / sqrt(c).
 """
 
 from __future__ import annotations
@@ -70,7 +59,7 @@ from .base import Cost, Progress, gib, memory_limit, require_fitted
 from .refine import RefineLog, refine
 
 DROP = 1e-10  # new Krylov directions below DROP * max|theta| are rounding noise: not added
-WORK_ROWS = 9  # working (k, p) blocks of one pass, in units of the block size b (measured, see Cost)
+WORK_ROWS = 9  # working (k, p) blocks of one pass, in units of the block size b (peak memory, see Cost)
 FLOOR = 1e-10  # eigenvalues and c below FLOOR * max|theta| are raised to it (as in direct)
 Hvp = Callable[[Tensor], Tensor]  # (k, p) -> H (k, p), H symmetric
 

@@ -1,7 +1,9 @@
 """Direct solver: the exact (p, p) Hessian in float64, factored once.
 
-Method: H + damping I is formed column-block by column-block from forward-over-reverse HVPs in one
-pass over the data (cost ~ n p^2, memory 8 p^2 bytes), then Cholesky-factored in place, L L^T = H.
+Method: H + damping I is formed as the HVPs of all p basis vectors, in blocks, in one pass over the data
+(`GradientSource.dense_hessian`: reverse-over-reverse for the exact Hessian, J^T Lambda J for Gauss-Newton; in
+closed form, one (n, p) product, when the selected parameters are exactly the output Linear layer; cost
+~ n p^2, memory 8 p^2 bytes), then Cholesky-factored in place, L L^T = H.
 Self-influence is ||L^-1 g||^2 (a triangular solve per batch of rows, no per-row solve) and
 H^-1 v = cholesky_solve. If H is not positive definite (a non-convex model, little damping), it is
 eigendecomposed instead: negative eigenvalues are replaced by their absolute value (the saddle-free

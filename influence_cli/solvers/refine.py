@@ -2,8 +2,8 @@
 conjugate gradients (pcg.py, the loop the cg solver runs too) on exact full-data HVPs, preconditioned by the solver's own approximate inverse M.
 
 The first step is M v itself (optimally rescaled); each further step costs one HVP pass over the training rows
-for all columns still active and shrinks the A-norm error, so train->test influence, where approximations
-break, ranks like the exact solve after 2 steps (README "Solvers"). Self-influence of every row keeps the
+for all columns still active and shrinks the A-norm error, which matters most for train->test influence,
+where the approximations are weakest. Self-influence of every row keeps the
 pure factored form: a solve per row would cost an HVP pass per row.
 """
 
