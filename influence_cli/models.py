@@ -268,7 +268,7 @@ def check_architecture(cfg: ModelConfig) -> None:
     ours = {"arch": cfg.arch, "kwargs": _plain_kwargs(cfg.kwargs)}
     theirs = {"arch": record.get("arch"), "kwargs": record.get("kwargs")}
     if json.dumps(ours, sort_keys=True) != json.dumps(theirs, sort_keys=True):
-        raise DataError(f"model.checkpoint: {cfg.checkpoint} was trained as arch={theirs['arch']}"
+        raise DataError(f"model.checkpoint: {cfg.checkpoint} does not fit the config: it was trained as arch={theirs['arch']}"
                         f" kwargs={json.dumps(theirs['kwargs'], sort_keys=True)}, but the config says"
                         f" arch={ours['arch']} kwargs={json.dumps(ours['kwargs'], sort_keys=True)}",
                         hint=f"make model.arch/model.kwargs match, or retrain (`infl train`); record: {record_path}")

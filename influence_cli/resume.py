@@ -22,7 +22,7 @@ from typing import Any
 from .cache import FORMAT, Cache, content_key
 from .config import Config
 from .objective import Problem
-from .solvers import Solver
+from .solvers import MemoryChecked, Solver
 from .solvers.base import Progress, Stateful
 
 
@@ -64,9 +64,8 @@ def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, An
     if not isinstance(solver, Stateful) or not cache.enabled:
         return solver.fit(problem, progress), False
     name = fit_name(solver.name, key)
-    check = getattr(solver, "check_memory", None)
-    if check is not None:
-        check(problem)  # refuse before reading a stored factor that could not be used (direct's is p x p)
+    if isinstance(solver, MemoryChecked):
+        solver.check_memory(problem)  # refuse before reading a stored factor that could not be used (direct's is p x p)
     stored = cache.get(name)
     if stored is not None:
         if progress is not None:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from .. import report
-from .._shim import RowScorer
 from ..cache import content_key
 from ..errors import ConfigError
 from ..gradients import GradientSource
@@ -22,7 +21,7 @@ from ..health import class_table, group_table
 from ..run import PhaseFn, Report, Run
 from ..scores import flag_rows, self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
-from ..solvers import Factored
+from ..solvers import Factored, RowScorer
 from .sweep import damping_sweep
 
 RANK_BY = ("self_influence", "loo_loss", "loss")
