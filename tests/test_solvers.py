@@ -7,7 +7,7 @@ import torch
 from conftest import make_case
 
 from influence_cli.config import ArnoldiConfig, CGConfig, LissaConfig, SolverConfig
-from influence_cli.errors import ConfigError, NotFittedError
+from influence_cli.errors import ConfigError, DataError, NotFittedError
 from influence_cli.solvers import SOLVERS, Factored, MemoryChecked, RowScorer, Stateful, make_solver
 
 TOL = {"direct": dict(rtol=1e-8, atol=1e-10), "ekfac": dict(rtol=1e-8, atol=1e-10), "arnoldi": dict(rtol=1e-6, atol=1e-8), "cg": dict(rtol=1e-6, atol=1e-8), "lissa": dict(rtol=2e-2, atol=2e-3)}
@@ -183,6 +183,30 @@ def test_capabilities_are_isinstance_checks(name):
     solver = make_solver(SolverConfig(name=name))
     has = {cap for cap in (Factored, MemoryChecked, RowScorer, Stateful) if isinstance(solver, cap)}
     assert has == CAPABILITIES[name]
+
+
+def test_direct_names_a_hessian_that_is_not_finite():
+    case = make_case("logreg")
+    with torch.no_grad():
+        case.problem.model.weight[1, 2] = float("nan")  # a diverged checkpoint
+    with pytest.raises(DataError, match=r"non-finite entries \(324 of 18x18, in the rows of weight, bias\): the"
+                                        r" checkpoint has NaN/inf weights in weight \(hint") as err:
+        make_solver(SolverConfig(name="direct")).fit(case.problem)
+    assert err.value.exit_code == 3
+    huge = make_case("ridge")
+    huge.problem.train_loader.x *= 1e160  # x x^T overflows float64; the weights are fine
+    with pytest.raises(DataError, match=r"\(25 of 6x6, in the rows of weight\): the checkpoint's weights or the"
+                                        " training features overflow"):
+        make_solver(SolverConfig(name="direct")).fit(huge.problem)
+
+
+def test_direct_turns_a_failed_factorization_into_a_data_error(monkeypatch):
+    def fails(_h):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fails)
+    with pytest.raises(DataError, match=r"the 6x6 Hessian could not be factored .*failed to converge.*largest entry"):
+        make_solver(SolverConfig(name="direct")).fit(make_case("ridge").problem)
 
 
 def test_unknown_solver_is_a_config_error(monkeypatch):

@@ -8,23 +8,27 @@ Self-influence is ||L^-1 g||^2 (a triangular solve per batch of rows, no per-row
 H^-1 v = cholesky_solve. If H is not positive definite (a non-convex model, little damping), it is
 eigendecomposed instead: negative eigenvalues are replaced by their absolute value (the saddle-free
 convention) and tiny ones raised to a floor of 1e-10 * max |eigenvalue|; both counts are reported.
+A Hessian with NaN/inf entries (a diverged checkpoint), or one whose factorization fails or overflows, is a
+DataError naming the parameters, not a torch error.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Self
+from collections.abc import Callable
+from typing import Any, ClassVar, Self, TypeVar
 
 import torch
 from torch import Tensor
 
 from ..config import SolverConfig
-from ..errors import ConfigError, NotFittedError
+from ..errors import ConfigError, DataError, NotFittedError
 from ..gradients import GradientSource
 from ..objective import Problem
 from .base import Cost, Progress, gib, memory_limit, require_fitted
 
 EIGEN_FLOOR = 1e-10
 CONDITION_MAX_P = 6000  # eigenvalues for the condition number only up to this size (they cost ~p^3)
+T = TypeVar("T")
 
 
 class DirectSolver:
@@ -57,19 +61,20 @@ class DirectSolver:
         p = problem.params.size
         source = GradientSource(problem)
         hess = source.dense_hessian(torch.float64, progress)
+        check_hessian(hess, problem)
         self._info = {"p": p, "hessian": problem.hessian, "damping": problem.damping}
         if p <= CONDITION_MAX_P:
-            eig = torch.linalg.eigvalsh(hess)
+            eig = _linalg(torch.linalg.eigvalsh, hess)
             self._info.update(eig_min=float(eig[0]), eig_max=float(eig[-1]),
                               condition_number=float(eig[-1].abs() / eig.abs().min().clamp_min(1e-300)))
         _, info = torch.linalg.cholesky_ex(hess, out=(hess, torch.empty((), dtype=torch.int32, device=hess.device)))
-        if int(info) == 0:
+        if int(info) == 0 and bool(torch.isfinite(hess.diagonal()).all()):
             self._chol, self._eig = hess, None
             self._info["factorization"] = "cholesky"
             return self
         del hess  # the failed in-place factorization destroyed it: form it again
         hess = source.dense_hessian(torch.float64, progress)
-        values, vectors = torch.linalg.eigh(hess)
+        values, vectors = _linalg(torch.linalg.eigh, hess)
         del hess
         floor = EIGEN_FLOOR * float(values.abs().max())
         negative = int((values < -floor).sum())
@@ -121,3 +126,43 @@ class DirectSolver:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self._info}
+
+
+def check_hessian(hess: Tensor, problem: Problem) -> None:
+    """DataError naming the parameters whose rows of the dense Hessian are NaN/inf (and the checkpoint's weights
+    that are, if any), before a factorization turns them into NaN scores or a LinAlgError."""
+    finite = torch.isfinite(hess)
+    if bool(finite.all()):
+        return
+    rows = (~finite).any(dim=1).cpu()
+    space, bad, start = problem.params, [], 0
+    for name, shape in zip(space.names, space.shapes, strict=True):
+        if bool(rows[start : start + shape.numel()].any()):
+            bad.append(name)
+        start += shape.numel()
+    weights = [n for n, t in space.values(problem.model).items() if not bool(torch.isfinite(t).all())]
+    cause = (f"the checkpoint has NaN/inf weights in {', '.join(weights[:5])}" if weights
+             else "the checkpoint's weights or the training features overflow in float64")
+    raise DataError(f"the Hessian has non-finite entries ({int((~finite).sum())} of {hess.shape[0]}x{hess.shape[1]},"
+                    f" in the rows of {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): {cause}",
+                    hint="check that the checkpoint is not diverged (retrain it with a smaller learning rate) and that"
+                         " the training features are finite and of moderate size")
+
+
+def _linalg(op: Callable[[Tensor], T], hess: Tensor) -> T:
+    """`op(hess)`, with torch's LinAlgError and overflowing (non-finite) eigenvalues as a DataError naming the
+    Hessian's largest entry."""
+    try:
+        result = op(hess)
+    except torch.linalg.LinAlgError as e:
+        raise _overflow(hess, f"could not be factored ({e})") from None
+    values = result if isinstance(result, Tensor) else result[0]
+    if not bool(torch.isfinite(values).all()):
+        raise _overflow(hess, "has eigenvalues that overflow float64")
+    return result
+
+
+def _overflow(hess: Tensor, what: str) -> DataError:
+    return DataError(f"the {hess.shape[0]}x{hess.shape[1]} Hessian {what}: its largest entry is"
+                     f" {float(hess.abs().max()):.3g}; the checkpoint's weights or the features are too large",
+                     hint="check that the checkpoint is not diverged, and scale the features")
