@@ -65,3 +65,17 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_file(path: Path | str, data: bytes | str) -> Path:
+    """write_atomic_bytes for a user-facing file (a PNG, report.html, a config): creates the folder,
+    and a failure is a ConfigError naming the path."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomic_bytes(path, data)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write it ({e.strerror or e})",
+                          hint="check free space and permissions, or pass --out DIR") from None

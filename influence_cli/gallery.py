@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .atomic import write_bytes_atomic
 from .errors import DataError
+from .files import write_file
 
 Color = tuple[int, int, int]
 BACKGROUND: Color = (246, 246, 246)  # a grey, so make_grid's scalar pad_value paints it
@@ -125,7 +125,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def save_png_atomic(image: Image.Image, path: Path) -> Path:
     """Write `image` as a PNG at `path` (temp file + os.replace): a killed run leaves the old one."""
-    return write_bytes_atomic(Path(path), png_bytes(image))
+    return write_file(Path(path), png_bytes(image))
 
 
 # ---- layout

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .atomic import write_bytes_atomic
 from .diff import read_selfcheck
 from .errors import ConfigError, DataError
+from .files import write_file
 
 REPORT_NAME = "report.html"
 SHOWN_IDS = 40  # ids listed per status in "what changed"
@@ -113,7 +113,7 @@ def render_report(folder: Path, thumbnails: Mapping[str, bytes] | None = None, h
 
 def write_report(folder: Path, text: str) -> Path:
     """Write `text` to folder/report.html atomically (temp file + os.replace). Returns the path."""
-    return write_bytes_atomic(Path(folder) / REPORT_NAME, text.encode("utf-8"))
+    return write_file(Path(folder) / REPORT_NAME, text.encode("utf-8"))
 
 
 # ---- sections

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .atomic import write_bytes_atomic
 from .errors import ConfigError, DataError
+from .files import write_file
 
 BUILTIN_ARCHS = ("logreg", "mlp", "cnn", "resnet18")  # models.ARCHS (a test keeps the two equal)
 ID_NAMES = ("id", "ids", "index", "idx", "uid", "row_id", "sample_id", "key")
@@ -103,7 +103,7 @@ def write_config(path: Path, text: str, force: bool = False) -> Path:
     if path.exists() and not force:
         raise ConfigError(f"{path}: already exists; infl init does not overwrite it",
                           hint="pass --force to replace it, or -c OTHER.yaml to write another file")
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    return write_file(path, text.encode("utf-8"))
 
 
 # ---- reading the data
