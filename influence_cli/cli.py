@@ -157,7 +157,10 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               damping_sweep: SweepOpt = False, no_cache: NoCacheOpt = False,
               group_by: Annotated[str | None, typer.Option(
                   help="Training column naming each row's group (default data.train.group);"
-                       " writes selfcheck_groups.csv.")] = None) -> None:
+                       " writes selfcheck_groups.csv.")] = None,
+              gallery: Annotated[str, typer.Option(
+                  help="Image data: sheet (suspects.png, the top suspects) | per-class (suspects_<label>.png)"
+                       " | none.")] = "sheet") -> None:
     """Self-influence of every training example; flags likely label errors (selfcheck.csv, classes.csv).
 
     Example: infl selfcheck -c configs/digits.yaml --top 20 --fail-above 0.15
@@ -169,7 +172,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         from .commands.selfcheck import selfcheck as selfcheck_command
         from .run import Run
 
-        options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by)
+        options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by, gallery=gallery)
         cfg = _load(config, set_, out, no_cache=no_cache)
         with ui.progress() as progress:
             result = selfcheck_command(Run.open(cfg, "selfcheck", progress), options)
@@ -343,6 +346,67 @@ def explain(test_id: Annotated[str, typer.Argument(help="The id of one test exam
         ui.finish(result, files)
         if ui.show:
             render.explain_panel(ui, result.summary, result.tables["explain.csv"], files)
+    raise typer.Exit(0)
+
+
+@app.command("report")
+def report_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+            as_json: JsonOpt = False, debug: DebugOpt = False,
+            history: Annotated[Path | None, typer.Option(
+                help="An older report folder: the page also shows new, persistent and resolved suspects.")] = None
+            ) -> None:
+    """A self-contained HTML page of the audit in the report folder (report.html), for a browser.
+
+    Needs the [report] extra (matplotlib) for its plot. Example: infl report -c configs/digits_images.yaml
+    """
+    ui = render.UI(quiet, as_json)
+    with _run_command(debug):
+        import pandas as pd
+
+        from . import report
+        from .commands.images import thumbnails
+        from .data import load_split
+        from .html_report import render_report
+
+        cfg = _load(config, set_, cache=False)
+        folder = _out_dir(cfg, out)
+        table = (pd.read_csv(folder / "selfcheck.csv", dtype=str, keep_default_na=False, usecols=["id"])
+                 if (folder / "selfcheck.csv").is_file() else None)  # render_report names a missing one
+        thumbs = {}
+        if table is not None and cfg.data.train.format in ("imagefolder", "torchvision", "tensors", "python"):
+            train = load_split(cfg.data.train, "train", cfg.task)
+            thumbs = thumbnails(train, table, cfg.data.train.mean, cfg.data.train.std)
+        page = render_report(folder, thumbs, history)
+        files = report.write_atomic(folder, {"report.html": page}, None, command="report")
+        summary = {"command": "report", "file": str(files[0]), "thumbnails": len(thumbs)}
+        ui.finish(render.plain_report(summary), files)
+        if ui.show:
+            ui.out.print(f"wrote {files[0]} (open it in a browser)")
+    raise typer.Exit(0)
+
+
+@app.command()
+def init(data: Annotated[Path, typer.Argument(help="The training data: a CSV/Parquet file, an image folder, or"
+                                                   " a .pt/.npz tensors file.")],
+         test: Annotated[Path | None, typer.Option(help="The test data (default: a sibling named test...).")] = None,
+         config: Annotated[Path, typer.Option("--config", "-c", help="Where to write the config.")]
+         = Path("infl.yaml"),
+         model: Annotated[str | None, typer.Option(help="logreg | mlp | cnn | resnet18 (default: logreg, cnn for"
+                                                       " images).")] = None,
+         force: Annotated[bool, typer.Option(help="Overwrite an existing config.")] = False,
+         quiet: QuietOpt = False, as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Write a commented config inferred from the data (columns, classes, image size); never overwrites without --force.
+
+    Example: infl init data/train.csv --test data/test.csv -c infl.yaml && infl check -c infl.yaml
+    """
+    ui = render.UI(quiet, as_json)
+    with _run_command(debug):
+        from .init_config import infer_config, write_config
+
+        path = write_config(config, infer_config(data, test, model, config_path=config), force)
+        ui.finish(render.plain_report({"command": "init", "config": str(path)}), [path])
+        if ui.show:
+            ui.out.print(f"wrote {path}; next: infl check -c {path}, then infl train -c {path} if it has no checkpoint")
     raise typer.Exit(0)
 
 

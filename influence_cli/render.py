@@ -210,3 +210,10 @@ def explain_panel(ui: UI, s: dict[str, Any], table: Any, files: list[Path]) -> N
                              ("harmful", "most harmful (removing it would lower the loss)")):
         ui.table(title, table[table.direction == direction], cols, s["top"])
     ui.out.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def plain_report(summary: dict[str, Any]) -> Any:
+    """A Report with only a summary (commands that compute nothing: report, init)."""
+    from .run import Report
+
+    return Report({}, summary, {})

@@ -167,7 +167,7 @@ class Run:
             return CastLoader(make_loader(split, self.cfg.batch_size, rows=rows), self.dtype)
         return CastLoader(RowFilter(make_loader(split, self.cfg.batch_size), rows, split.n), self.dtype)
 
-    def test_rows(self, test_ids: Sequence[str] | None) -> list[int]:
+    def test_rows(self, test_ids: Sequence[str] | None, option: str = "--test-ids") -> list[int]:
         """Row numbers of the selected test ids (all rows when none are given), in the given order."""
         test = require_test(self.test)
         if not test_ids:
@@ -179,7 +179,7 @@ class Run:
         for tid in dict.fromkeys(test_ids):
             if tid not in where:
                 close = difflib.get_close_matches(tid, test.ids, n=1)
-                raise ConfigError(f"--test-ids: {tid!r} is not an id of data.test",
+                raise ConfigError(f"{option}: {tid!r} is not an id of data.test",
                                   hint=f"did you mean {close[0]!r}?" if close else "ids are the data.test id column")
             rows.append(where[tid])
         return rows

@@ -12,6 +12,7 @@ import torch
 
 from ..run import Report, Run
 from . import rank as rank_cmd
+from .images import explain_strip
 
 EXPLAIN_COLUMNS = ["test_id", "test_label", "predicted", "direction", "rank", "train_id", "train_label",
                    "loss_change_if_removed"]
@@ -25,6 +26,7 @@ class ExplainOptions:
 
 def explain(run: Run, options: ExplainOptions) -> Report:
     """explain.csv: the test row's top helpful then top harmful training rows, with its prediction."""
+    run.test_rows([options.test_id], option="TEST_ID")  # named as the user typed it
     tables, summary = rank_cmd.score(run, rank_cmd.RankOptions(top=options.top, test_ids=[options.test_id]))
     row = run.test_rows([options.test_id])[0]
     predicted, prob, loss = _prediction(run, row)
@@ -43,7 +45,9 @@ def explain(run: Run, options: ExplainOptions) -> Report:
                "n": summary["n"], "solver": summary["solver"],
                "grad_norm_at_checkpoint": summary["grad_norm_at_checkpoint"],
                "test_row": row, "test_n": test.n if test else 0}
-    return run.finish(summary, {"explain.csv": table})
+    norms = tuple((c.mean, c.std) for c in (run.cfg.data.test or run.cfg.data.train, run.cfg.data.train))
+    pictures = explain_strip(test, run.train, table, options.top, *norms)  # type: ignore[arg-type]
+    return run.finish(summary, {"explain.csv": table, **pictures})
 
 
 def _prediction(run: Run, row: int) -> tuple[Any, float | None, float]:

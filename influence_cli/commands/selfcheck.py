@@ -22,9 +22,11 @@ from ..run import PhaseFn, Report, Run
 from ..scores import flag_rows, self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
 from ..solvers import Factored, RowScorer
+from .images import suspect_sheets
 from .sweep import damping_sweep
 
 RANK_BY = ("self_influence", "loo_loss", "loss")
+GALLERIES = ("sheet", "per-class", "none")
 NEWTON_LOO_MAX = (64, 50_000)  # Newton LOO needs C half-solves per row: only up to C outputs, p parameters
 
 
@@ -33,10 +35,13 @@ class SelfcheckOptions:
     rank_by: str = "self_influence"
     damping_sweep: bool = False
     group_by: str | None = None
+    gallery: str = "sheet"  # image data: suspects.png | per-class: one sheet per given label | none
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_BY:
             raise ConfigError(f"--rank-by: {self.rank_by!r} is not one of {', '.join(RANK_BY)}")
+        if self.gallery not in GALLERIES:
+            raise ConfigError(f"--gallery: {self.gallery!r} is not one of {', '.join(GALLERIES)}")
 
 
 def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Report:
@@ -45,6 +50,11 @@ def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Repor
     if options.damping_sweep:
         summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "selfcheck.csv",
                                                  "self_influence", descending=True)
+    if options.gallery != "none" and run.cfg.task != "regression":
+        with run.timer("gallery"):
+            split_cfg = run.cfg.data.train
+            tables.update(suspect_sheets(run.train, tables["selfcheck.csv"], split_cfg.mean, split_cfg.std,
+                                         per_class=options.gallery == "per-class"))
     return run.finish(summary, tables, exact_check=True)
 
 
