@@ -139,11 +139,7 @@ class _Functional:
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
-        chosen = set(problem.params.names)
-        cast = {n: t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
-                for n, t in [*problem.model.named_parameters(), *problem.model.named_buffers()]}
-        self.theta = {n: cast[n] for n in problem.params.names}
-        self.rest = {n: t for n, t in cast.items() if n not in chosen}
+        self.theta, self.rest = problem.params.split(problem.model, torch.float64)
         self.activations = GradientSource(problem).activation_size()
 
     def forward(self, theta: dict[str, Tensor], x: Tensor) -> Tensor:
