@@ -34,7 +34,7 @@ from influence_cli.gradients import GradientSource
 from influence_cli.models import build_model, save_checkpoint
 from influence_cli.run import Run
 from influence_cli.scores import loss_change_if_removed, self_influence
-from influence_cli.solvers import make_solver
+from influence_cli.solvers import RowScorer, make_solver
 from influence_cli.solvers.ekfac import EkfacSolver
 
 MODELS = {"mlp10k": [128], "mlp1m": [1024, 1024]}
@@ -123,9 +123,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     inp = api.open_run(cfg)
     p = inp.problem.params.size
     m = min(inp.problem.n, 2048 if p < 100_000 else 256)
-    sub = dataclasses.replace(inp.problem, train_loader=inp.train_rows(range(m)), n=m)
+    sub = dataclasses.replace(inp.problem, train_loader=inp.stream(inp.train, range(m)), n=m)
     source = GradientSource(sub)
-    for _ in source.per_example(inp.train_rows(range(8))):  # warm-up
+    for _ in source.per_example(inp.stream(inp.train, range(8))):  # warm-up
         pass
     source.hvp(torch.randn(1, p, dtype=torch.float64))
     res: dict[str, Any] = {"p": p, "rows": m, "flops": matmul_flops()}
@@ -134,7 +134,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         v = torch.randn(k, p, dtype=torch.float64)
         res[f"hvp{k}"] = best_of(lambda v=v: source.hvp(v)) / m
     batch = min(m, cfg.solver.lissa.batch_size or cfg.batch_size)
-    _, x, y = next(iter(inp.train_rows(range(batch))))
+    _, x, y = next(iter(inp.stream(inp.train, range(batch))))
     for k in (21, 70):  # a minibatch step: per call costs dominate small batches (large p: ~ the pass above)
         v = torch.randn(k, p, dtype=torch.float64)
         res[f"step{k}"] = (best_of(lambda v=v: [source.minibatch_hvp(v, x, y) for _ in range(3)]) / 3
@@ -152,13 +152,13 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     solver, big = EkfacSolver(cfg.solver), min(inp.problem.n, 2048 if p < 100_000 else 1024)
 
     def fit(rows: int) -> float:
-        return best_of(lambda: solver.fit(dataclasses.replace(sub, train_loader=inp.train_rows(range(rows)), n=rows)))
+        return best_of(lambda: solver.fit(dataclasses.replace(sub, train_loader=inp.stream(inp.train, range(rows)), n=rows)))
 
     fit(8)  # warm-up
     t_small, t_big = fit(big // 4), fit(big)
     res["ekfac_fit"] = max(t_big - t_small, 0.3 * t_big) / (big - big // 4)  # per row beyond the fixed cost
     res["ekfac_fit_fixed"] = max(t_big - res["ekfac_fit"] * big, 0.0)  # eigendecompositions
-    res["ekfac_si"] = best_of(lambda: solver.self_influence_fast(inp.train_rows(range(big)), big)) / big
+    res["ekfac_si"] = best_of(lambda: solver.self_influence_fast(inp.stream(inp.train, range(big)), big)) / big
     return res
 
 
@@ -180,24 +180,24 @@ def cell(spec: dict[str, Any]) -> dict[str, Any]:
     source = GradientSource(problem)
     if plan["fit"] == "standin":
         rows = min(n, STANDIN_ROWS[name])
-        sub = dataclasses.replace(problem, train_loader=inp.train_rows(range(rows)), n=rows)
+        sub = dataclasses.replace(problem, train_loader=inp.stream(inp.train, range(rows)), n=rows)
         one_pass = dataclasses.replace(cfg.solver.arnoldi, max_iter=1)
         seconds, solver = timed(lambda: make_solver(dataclasses.replace(cfg.solver, arnoldi=one_pass)).fit(sub))
         save("standin_fit", seconds, rows=rows)
     else:
         seconds, solver = timed(lambda: make_solver(cfg.solver, problem).fit(problem))
         save("fit", seconds)
-    for _ in source.per_example(inp.train_rows(range(8))):  # warm-up of the scoring code paths
+    for _ in source.per_example(inp.stream(inp.train, range(8))):  # warm-up of the scoring code paths
         pass
-    fast = getattr(solver, "self_influence_blocks", None)
+    fast = solver.self_influence_blocks if isinstance(solver, RowScorer) else None
     if fast is not None:
-        solver.self_influence_fast(inp.train_rows(range(8)), n)
+        solver.self_influence_fast(inp.stream(inp.train, range(8)), n)
     for phase in plan["order"]:
         if phase == "si":
             _self_influence(plan["si"], inp, solver, source, out, save)
         elif phase == "grads":
             count = n if plan["grads"] == "full" else min(n, FIRST_ROWS)
-            loader = problem.train_loader if count == n else inp.train_rows(range(count))
+            loader = problem.train_loader if count == n else inp.stream(inp.train, range(count))
             seconds, _ = timed(lambda ld=loader: [float(b.grads[:, 0].sum()) for b in source.per_example(ld)])
             save("grads", seconds, rows=count)
         elif phase == "tt":
@@ -216,8 +216,8 @@ def _self_influence(how: str, inp: Run, solver: Any, source: GradientSource, out
         loader: Any = OneBlock(problem.train_loader, rows, n)
     else:
         rows = torch.arange(n if how == "full" else min(n, FIRST_ROWS))
-        loader = problem.train_loader if how == "full" else inp.train_rows(range(len(rows)))
-    fast = getattr(solver, "self_influence_blocks", None)
+        loader = problem.train_loader if how == "full" else inp.stream(inp.train, range(len(rows)))
+    fast = solver.self_influence_blocks if isinstance(solver, RowScorer) else None
 
     def score() -> np.ndarray:
         if fast is not None:
