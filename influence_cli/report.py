@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .files import FILE_MODE, fsync_dir, write_atomic_bytes
 from .interrupts import deferred
 
@@ -286,3 +286,19 @@ def jsonable(value: Any) -> Any:
 
 
 _jsonable = jsonable  # the old private name, still imported by cli.py
+
+
+def read_table(path: Path, what: str, required: Sequence[str], hint: str) -> pd.DataFrame:
+    """A report CSV (selfcheck.csv, fixes.csv, ...) read back verbatim as strings ("NA" stays an id).
+    ConfigError when it does not exist (`hint` says how to make it), DataError when it cannot be
+    read or lacks a `required` column; both name the path."""
+    if not path.is_file():
+        raise ConfigError(f"{what}: {path} does not exist", hint=hint)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{what}: {path} is not a readable CSV ({e})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{what}: {path} lacks the columns {', '.join(missing)}", hint=hint)
+    return frame

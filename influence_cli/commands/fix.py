@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..config import Config
 from ..errors import ConfigError, DataError
+from ..report import read_table
 from ..run import Report
 
 FIX_COLUMNS = ["id", "label", "new_label", "suspicion"]
@@ -66,16 +67,8 @@ def fix(cfg: Config, report_dir: Path, options: FixOptions) -> tuple[Report, dic
 
 
 def _read_selfcheck(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no selfcheck report here", hint="run `infl selfcheck` first (same --out)")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable selfcheck.csv ({e})") from None
-    missing = [c for c in ("id", "label", "predicted", "flagged") if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: not a selfcheck.csv (missing columns {', '.join(missing)})")
-    return frame
+    return read_table(path, "infl fix", ("id", "label", "predicted", "flagged"),
+                      "run `infl selfcheck` first (same --out), or pass an edited selfcheck.csv")
 
 
 def _chosen(selfcheck: pd.DataFrame, options: FixOptions) -> pd.DataFrame:
@@ -93,11 +86,8 @@ def _chosen(selfcheck: pd.DataFrame, options: FixOptions) -> pd.DataFrame:
 
 
 def _accepted(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    edited = _read_selfcheck(path) if path.is_file() else None
-    if edited is None:
-        raise ConfigError(f"--accept: {path} does not exist", hint="an edited copy of selfcheck.csv with an accept column")
-    if "accept" not in edited.columns:
-        raise DataError(f"--accept: {path} has no accept column", hint="add a column accept with 1 for rows to fix")
+    edited = read_table(path, "--accept", ("id", "accept"),
+                        "an edited copy of selfcheck.csv with a column accept (1 for the rows to fix)")
     keep = edited[edited["accept"].str.strip().str.lower().isin(TRUE)]
     unknown = sorted(set(keep["id"]) - set(frame["id"]))
     if unknown:

@@ -19,6 +19,7 @@ import torch
 
 from ..data import CastLoader, LabeledDataset, Split, TensorRows, make_loader
 from ..errors import ConfigError, DataError
+from ..report import read_table
 from ..retrain import retrain_groups, retrain_reference
 from ..run import Report, Run
 
@@ -98,14 +99,7 @@ class _Recorder:
 
 def _read_fixes(train: Split, path: Path) -> tuple[np.ndarray, list[str]]:
     """Training row numbers and their new labels (as report values) from fixes.csv."""
-    if not path.is_file():
-        raise ConfigError(f"--fix: {path} does not exist", hint="write it with `infl fix`")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"--fix: {path} is not a readable fixes.csv ({e})") from None
-    if not {"id", "new_label"} <= set(frame.columns):
-        raise DataError(f"--fix: {path} needs the columns id and new_label (as `infl fix` writes)")
+    frame = read_table(path, "--fix", ("id", "new_label"), "write it with `infl fix`")
     where = {i: r for r, i in enumerate(train.ids)}
     unknown = [i for i in frame["id"] if i not in where]
     if unknown:
