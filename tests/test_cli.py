@@ -159,7 +159,7 @@ def _write_report(capsys, cfg, out_dir) -> bytes:
     (["--set", "data.train.label=nolabel"], 2, "nolabel"),
     (["--set", "model.arch=mlp", "--set", "model.kwargs={in_features: 64, hidden: [8], num_classes: 10}"], 3,
      "does not fit"),
-    (["--set", "model.kwargs.num_classes=5"], 3, ""),
+    (["--set", "model.kwargs.num_classes=5"], 3, "does not fit"),
     (["--set", "task=regresion"], 2, "did you mean regression"),
     (["--set", "solver.memory_limit_gb=0.000001"], 2, "last_layer"),
     (["--set", "device=cuda:7"], 2, "device"),

@@ -18,13 +18,13 @@ from torch.utils.data import Dataset
 from influence_cli import cli, knn
 from influence_cli.commands.rank import RankOptions
 from influence_cli.commands.rank import rank as rank_command
-from influence_cli.run import Run
 from influence_cli.config import Config, ModelConfig, load_config
 from influence_cli.data import CastLoader, Split, TensorRows, make_loader
 from influence_cli.errors import ConfigError
 from influence_cli.knn import candidate_loader, check_knn, grad_similarity, knn_neighbors
 from influence_cli.models import build_model, save_checkpoint
 from influence_cli.objective import Objective, ParamSpace, Problem
+from influence_cli.run import Run
 
 
 def split(x: torch.Tensor, y: torch.Tensor, role: str = "train", task: str = "classification") -> Split:
