@@ -136,6 +136,22 @@ def _load(config: Path, overrides: list[str] | None, out: Path | None = None, *,
     return cfg
 
 
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads for one command (the library never sets them), restored after."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _threshold(ui: render.UI, breached: bool, message: str) -> None:
     if breached:
         ui.err.print(f"threshold: {message}")
@@ -262,7 +278,7 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
     with _run_command(debug):
         from . import report
         from .commands.fixcheck import FixCheckOptions, fix_check
-        from .commands.verify import VerifyOptions
+        from .commands.verify import VerifyOptions, retrain_threads
         from .commands.verify import verify as verify_command
         from .run import Run
 
@@ -271,10 +287,11 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
         cfg = _load(config, set_, cache=False)
         with ui.progress() as progress:
             run = Run.open(cfg, "verify", progress, need_test=True)
-            result = (fix_check(run, FixCheckOptions(fix, remove, tuple(_split_ids(test_ids) or ()) or None))
-                      if fix is not None else
-                      verify_command(run, VerifyOptions(samples=samples, test_ids=_split_ids(test_ids), groups=groups,
-                                                        group_by=group_by, workers=workers)))
+            with _torch_threads(retrain_threads(run)):
+                result = (fix_check(run, FixCheckOptions(fix, remove, tuple(_split_ids(test_ids) or ()) or None))
+                          if fix is not None else
+                          verify_command(run, VerifyOptions(samples=samples, test_ids=_split_ids(test_ids),
+                                                            groups=groups, group_by=group_by, workers=workers)))
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         s = result.summary
         breached = (fix is None and min_pearson is not None and not (s["pearson"] >= min_pearson)) or (

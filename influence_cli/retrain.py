@@ -106,7 +106,7 @@ def mean_test_loss(objective: Objective, loader: Loader) -> TestLossFn:
 
 
 def retrain_effects(problem: Problem, rows: Sequence[int] | np.ndarray, test_loss_fn: TestLossFn, config: TrainConfig,
-                    progress: Progress | None = None, *, workers: int = 1, threads: int | None = None,
+                    progress: Progress | None = None, *, workers: int = 1,
                     shuffled: Callable[[], Loader] | None = None, reference: RetrainResult | None = None,
                     test_ihvp_mean: Tensor | None = None) -> list[RetrainResult]:
     """Leave-one-out retraining for each of `rows`; see the module docstring. Returns one result per
@@ -117,22 +117,22 @@ def retrain_effects(problem: Problem, rows: Sequence[int] | np.ndarray, test_los
     retrain). progress(done, total) counts retrains.
 
     workers > 1 forks that many processes with one torch thread each (Linux, CPU only; else serial);
-    `threads` sets torch's intra-op threads for a serial run (restored afterwards). Measured on a
+    the caller sets torch's intra-op threads for a serial run (the CLI: 1 below 100k parameters). Measured on a
     shared 2-core machine under load (digits logistic regression, 650 parameters, 8 L-BFGS
     retrains): 1 process x 1 thread 30 s, 2 processes x 1 thread 36 s, 1 process x 2 threads 489 s
     (OpenMP threads spin against other work on oversubscribed cores). Hence small models should
-    retrain with threads=1, and workers > 1 pays only where cores are idle."""
+    retrain with one thread, and workers > 1 pays only where cores are idle."""
     return _run(problem, [np.asarray([r], dtype=np.int64) for r in rows], test_loss_fn, config, progress,
-                workers, threads, shuffled, reference, test_ihvp_mean)
+                workers, shuffled, reference, test_ihvp_mean)
 
 
 def retrain_groups(problem: Problem, groups: Sequence[np.ndarray], test_loss_fn: TestLossFn, config: TrainConfig,
-                   progress: Progress | None = None, *, workers: int = 1, threads: int | None = None,
+                   progress: Progress | None = None, *, workers: int = 1,
                    shuffled: Callable[[], Loader] | None = None, reference: RetrainResult | None = None,
                    test_ihvp_mean: Tensor | None = None) -> list[RetrainResult]:
     """As retrain_effects, removing each group of rows (int arrays) at once."""
     return _run(problem, [np.asarray(g, dtype=np.int64) for g in groups], test_loss_fn, config, progress,
-                workers, threads, shuffled, reference, test_ihvp_mean)
+                workers, shuffled, reference, test_ihvp_mean)
 
 
 def retrain_reference(problem: Problem, test_loss_fn: TestLossFn, config: TrainConfig,
@@ -192,11 +192,13 @@ class _Retrainer:
                 p.requires_grad_(True)
         exclude = torch.zeros(self.problem.n, dtype=torch.bool)
         exclude[torch.as_tensor(rows, dtype=torch.long)] = True
-        torch.manual_seed(self.problem.seed)
         shuffled = CastLoader(self.shuffled(), self.dtype) if self.shuffled is not None else None
-        try:
-            result = minimize(self.model, self.params, self.problem.objective, self.loader, self.problem.n, self.config,
-                              exclude=exclude if len(rows) else None, shuffled=shuffled)
+        device = self.params[0].device
+        try:  # every retrain draws the same random numbers (dropout), without touching the caller's RNG
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(self.problem.seed)
+                result = minimize(self.model, self.params, self.problem.objective, self.loader, self.problem.n,
+                                  self.config, exclude=exclude if len(rows) else None, shuffled=shuffled)
             self.model.eval()
             residual = self.residual_effect(exclude if len(rows) else None)
         finally:
@@ -224,31 +226,26 @@ def _forked_result(job: tuple[np.ndarray, RetrainResult]) -> RetrainResult:
 
 
 def _run(problem: Problem, sets: list[np.ndarray], test_loss_fn: TestLossFn, config: TrainConfig,
-         progress: Progress | None, workers: int, threads: int | None, shuffled: Callable[[], Loader] | None,
+         progress: Progress | None, workers: int, shuffled: Callable[[], Loader] | None,
          reference: RetrainResult | None, test_ihvp_mean: Tensor | None) -> list[RetrainResult]:
     for rows in sets:
         if len(rows) and (rows.min() < 0 or rows.max() >= problem.n):
             raise ConfigError(f"verify: row index out of range 0..{problem.n - 1}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    worker = _Retrainer(problem, test_loss_fn, config, shuffled, test_ihvp_mean)
+    ref = reference if reference is not None else worker.reference()
+    if progress is not None:
+        progress(0, len(sets))
+    parallel = (workers > 1 and len(sets) > 1 and sys.platform.startswith("linux")
+                and problem.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods())
+    if not parallel:
+        return [_report(worker.result(rows, ref), i, len(sets), progress) for i, rows in enumerate(sets)]
+    _FORKED["worker"] = worker
     try:
-        worker = _Retrainer(problem, test_loss_fn, config, shuffled, test_ihvp_mean)
-        ref = reference if reference is not None else worker.reference()
-        if progress is not None:
-            progress(0, len(sets))
-        parallel = (workers > 1 and len(sets) > 1 and sys.platform.startswith("linux")
-                    and problem.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods())
-        if not parallel:
-            return [_report(worker.result(rows, ref), i, len(sets), progress) for i, rows in enumerate(sets)]
-        _FORKED["worker"] = worker
-        try:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(sets))) as pool:
-                jobs = pool.imap(_forked_result, [(rows, ref) for rows in sets])
-                return [_report(res, i, len(sets), progress) for i, res in enumerate(jobs)]
-        finally:
-            _FORKED.clear()
+        with multiprocessing.get_context("fork").Pool(min(workers, len(sets))) as pool:
+            jobs = pool.imap(_forked_result, [(rows, ref) for rows in sets])
+            return [_report(res, i, len(sets), progress) for i, res in enumerate(jobs)]
     finally:
-        torch.set_num_threads(before)
+        _FORKED.clear()
 
 
 def _report(result: RetrainResult, i: int, total: int, progress: Progress | None) -> RetrainResult:

@@ -71,7 +71,7 @@ def verify(run: Run, options: VerifyOptions = VerifyOptions()) -> Report:
         rows = choose_rows(predicted, min(options.samples, train.n), np.random.default_rng(run.cfg.seed))
         eta = estimate_seconds(reference, len(rows), options.workers)
         results = retrain_effects(run.problem, rows, test_loss, run.cfg.train, run.phase("retrain"),
-                                  workers=options.workers, threads=_threads(run), shuffled=shuffled,
+                                  workers=options.workers, shuffled=shuffled,
                                   reference=reference, test_ihvp_mean=mean_ihvp)
     actual = np.array([r.actual_loss_change for r in results])
     stats = correlations(predicted[rows], actual, np.random.default_rng(run.cfg.seed))
@@ -142,8 +142,9 @@ def _shuffled(run: Run) -> Any:
     return shuffled
 
 
-def _threads(run: Run) -> int | None:
-    """One intra-op thread for small models (measured in retrain.retrain_effects)."""
+def retrain_threads(run: Run) -> int | None:
+    """The torch threads retraining should run with: one for small models, whose OpenMP threads spin
+    against each other on shared cores (measured in retrain.retrain_effects); the CLI sets it."""
     return 1 if run.problem.params.size < 100_000 else None
 
 
@@ -154,7 +155,7 @@ def _groups(run: Run, group_map: dict[str, np.ndarray], mean_ihvp: Tensor, test_
                           lambda: source.per_example(run.problem.train_loader, run.train.ids),
                           test_hvp=mean_loss_hvp(run.problem, test_loader, t_count))
     removed = retrain_groups(run.problem, [group_map[g] for g in frame["group"]], test_loss, run.cfg.train,
-                             threads=_threads(run), shuffled=shuffled, reference=reference)
+                             shuffled=shuffled, reference=reference)
     frame["actual_loss_change"] = [r.actual_loss_change for r in removed]
     fits = {order: _group_fit(frame[column], frame["actual_loss_change"])
             for order, column in (("first_order", "loss_change_if_removed"),
