@@ -1,210 +1,244 @@
-"""Benchmark: which per-row signal finds flipped labels best (issue 4, item 4).
+"""Benchmark: which per-row score finds flipped labels best, and are `flagged` and the error-rate estimate calibrated.
 
-For each sample dataset (10% of training labels flipped, answer_key.csv says which), trains a
-logistic regression (or, with --model mlp, a one-hidden-layer tanh MLP that can memorize labels)
-with `infl`'s own pipeline (`pipeline.train`: L-BFGS to convergence, float64, configs written to a
-temporary folder), fits the direct solver, and ranks the training rows by each signal:
+Datasets (all shipped offline; nothing is downloaded at run time):
 
-- self_influence  g^T H^-1 g (selfcheck's default ranking)
-- loss            the training loss
-- loo_loss_1st    loss + self_influence / n (first-order leave-one-out loss)
-- loo_loss        the Newton / Sherman-Morrison leave-one-out loss (influence_cli.signals.loo_loss)
-- cleanlab        confident learning's self-confidence score from 5-fold out-of-fold probabilities of
-                  the same kind of sklearn model with the matching L2 strength (LogisticRegression
-                  C = 1 / (n_fit * wd); MLPClassifier alpha = wd * n_fit), if cleanlab is installed
-                  (a development extra: `pip install cleanlab`)
+- digits, breast_cancer, wine: sample_data/ (scikit-learn's bundled copies), clean labels from answer_key.csv
+- iris: scikit-learn (`load_iris`)
+- penguins: the `palmerpenguins` package (species from 4 measurements + island + sex, rows with NaN dropped)
+- anes96: statsmodels (`statsmodels.datasets.anes96`: the vote, Clinton 0 / Dole 1, a binary task)
 
-and prints a markdown table of recall at 5/10/20% of rows inspected, AUROC and average precision.
-Development only (needs scikit-learn). Run from the repository root:
+Each cell takes the clean training labels, flips exactly round(rate * n) of them (rate 10% or 20%):
+`uniform` (to a class drawn uniformly among the others) or `classcond` (class k to class k+1 mod C;
+for a binary task, class-conditional = asymmetric: only rows of the larger class are flipped), then
+trains the model on the noisy labels with `infl`'s own leaf modules (float64 L-BFGS to convergence),
+fits the direct solver and runs `signals.loo_loss` (the Newton leave-one-out outputs):
 
-    .venv/bin/python benchmarks/label_errors.py [--weight-decay 1e-3] [--datasets digits,breast_cancer,wine]
-        [--model logreg|mlp --hidden 64]
+- logreg: (multinomial / binary) logistic regression, weight_decay 1e-3, exact Hessian, damping 0
+- mlp: one tanh hidden layer of 32 units, weight_decay 1e-4 (it fits most flipped labels),
+  Gauss-Newton Hessian, damping 1e-3
+
+Scores compared (higher = more suspect): `loss`, `self_influence`, `cleanlab` (confident learning's
+self-confidence from 5-fold out-of-fold probabilities of the matching sklearn model with the same L2:
+cleanlab.rank.get_label_quality_scores; its flags from cleanlab.filter.find_label_issues) and
+`suspicion` (influence_cli.signals.suspicion). Metrics: recall of flips in the top 10% / 20% of rows
+and average precision ("suspicion - best": the smallest of the three differences to the best of
+loss / self_influence / cleanlab, >= -0.01 is the target); flags: count vs true flips, precision, and the flagged fraction when the same
+model is trained on the clean labels. Development only (needs scikit-learn, cleanlab, statsmodels,
+palmerpenguins: `pip install cleanlab statsmodels palmerpenguins`). From the repository root:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/label_errors.py [--datasets digits,wine] [--models logreg]
+        [--rates 0.1,0.2] [--kinds uniform,classcond] [--cache DIR]
+
+--cache keeps each cell's arrays (npz) so a rerun only rescores.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from influence_cli import pipeline  # noqa: E402
-from influence_cli.config import load_config  # noqa: E402
-from influence_cli.data import make_loader  # noqa: E402
-from influence_cli.gradients import GradientSource  # noqa: E402
-from influence_cli.groups import group_effects, mean_loss_hvp  # noqa: E402
+from influence_cli.config import ModelConfig, SolverConfig, TrainConfig  # noqa: E402
+from influence_cli.models import build_model  # noqa: E402
+from influence_cli.objective import Objective, ParamSpace, Problem  # noqa: E402
 from influence_cli.signals import loo_loss  # noqa: E402
 from influence_cli.solvers import make_solver  # noqa: E402
-from influence_cli.verify import mean_test_loss, retrain_groups  # noqa: E402
+from influence_cli.suspicion import class_probs, flag_errors, label_margin, suspicion  # noqa: E402
+from influence_cli.train import minimize  # noqa: E402
 
-DATASETS = {  # name: (task, features, outputs, carry)
-    "digits": ("classification", 64, 10, ["source"]),
-    "breast_cancer": ("binary", 30, 1, []),
-    "wine": ("classification", 13, 3, []),
+DATASETS = ("digits", "breast_cancer", "wine", "iris", "penguins", "anes96")
+MODELS = {  # name: (weight_decay, hidden, solver config)
+    "logreg": (1e-3, None, SolverConfig(name="direct", damping=0.0)),
+    "mlp": (1e-4, 32, SolverConfig(name="direct", damping=1e-3, hessian="gauss_newton")),
 }
-FRACTIONS = (0.05, 0.10, 0.20)
+SIGNALS = ("loss", "self_influence", "cleanlab", "suspicion")
 
 
-def write_config(name: str, weight_decay: float, workdir: Path, model: str = "logreg", hidden: int = 64) -> Path:
-    task, features, outputs, carry = DATASETS[name]
-    kwargs = {"in_features": features, "num_classes": outputs}
-    if model == "mlp":  # tanh: smooth, so L-BFGS converges and the Hessian exists everywhere
+def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x (n, d) float64 z-scored, clean labels (n,) int64 in 0..C-1)."""
+    if name in ("digits", "breast_cancer", "wine"):
+        frame = pd.read_csv(ROOT / "sample_data" / name / "train.csv")
+        key = pd.read_csv(ROOT / "sample_data" / name / "answer_key.csv").set_index("id")
+        x = frame[[c for c in frame.columns if c not in ("id", "label", "source")]].to_numpy(np.float64)
+        y = key.loc[frame["id"], "true_label"].to_numpy()
+    elif name == "iris":
+        from sklearn.datasets import load_iris
+
+        x, y = load_iris(return_X_y=True)
+    elif name == "penguins":
+        import palmerpenguins
+
+        df = palmerpenguins.load_penguins().dropna()
+        num = df[["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]]
+        x = pd.concat([num, pd.get_dummies(df[["island", "sex"]], dtype=float)], axis=1).to_numpy(np.float64)
+        y = pd.Categorical(df["species"]).codes
+    elif name == "anes96":
+        import statsmodels.api as sm
+
+        df = sm.datasets.anes96.load_pandas().data
+        x = df[["popul", "TVnews", "selfLR", "ClinLR", "DoleLR", "PID", "age", "educ", "income"]].to_numpy(np.float64)
+        y = df["vote"].to_numpy()
+    else:
+        raise SystemExit(f"unknown dataset {name}")
+    x = np.asarray(x, dtype=np.float64)
+    std = x.std(0)
+    x = (x - x.mean(0)) / np.where(std > 0, std, 1.0)
+    return x, np.asarray(y, dtype=np.int64)
+
+
+def add_noise(y: np.ndarray, classes: int, rate: float, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy labels, flipped mask): exactly round(rate * n) rows flipped (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    pool = np.arange(len(y))
+    if kind == "classcond" and classes == 2:
+        pool = np.flatnonzero(y == np.bincount(y).argmax())
+    rows = rng.choice(pool, size=round(rate * len(y)), replace=False)
+    noisy = y.copy()
+    if kind == "uniform":
+        noisy[rows] = (y[rows] + rng.integers(1, classes, size=len(rows))) % classes
+    else:
+        noisy[rows] = (y[rows] + 1) % classes
+    return noisy, noisy != y
+
+
+class Rows:
+    """Re-iterable (row_idx, x, y) batches over in-memory tensors."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __iter__(self):
+        for s in range(0, len(self.x), self.batch_size):
+            idx = torch.arange(s, min(s + self.batch_size, len(self.x)))
+            yield idx, self.x[idx], self.y[idx]
+
+
+def influence_cell(x: np.ndarray, y: np.ndarray, classes: int, model: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Train on (x, y), fit the direct solver, run loo_loss: loss, self_influence, outputs, loo_outputs."""
+    wd, hidden, solver_cfg = MODELS[model]
+    task = "binary" if classes == 2 else "classification"
+    width = 1 if task == "binary" else classes
+    kwargs = {"in_features": int(x.shape[1]), "num_classes": int(width)}
+    if hidden:
         kwargs |= {"hidden": [hidden], "activation": "tanh"}
-    data = ROOT / "sample_data" / name
-    split = {"format": "csv", "label": "label", "id": "id", "carry": carry}
-    cfg = {
-        "seed": 0, "device": "cpu", "dtype": "float64", "batch_size": 512, "task": task, "params": "all",
-        "weight_decay": weight_decay,
-        "model": {"arch": model, "kwargs": kwargs, "checkpoint": str(workdir / f"{name}.pt")},
-        "data": {"train": {**split, "path": str(data / "train.csv")}, "test": {**split, "path": str(data / "test.csv")}},
-        # an MLP's exact Hessian is indefinite: its Gauss-Newton form with a little damping is not
-        "solver": ({"name": "direct", "damping": 0.0} if model == "logreg"
-                   else {"name": "direct", "damping": 1e-3, "hessian": "gauss_newton"}),
-        "train": {"optimizer": "lbfgs", "epochs": 3000 if model == "mlp" else 1000, "lr": 1.0, "tol": 1e-7},
-        "output": {"dir": str(workdir / name)},
-    }
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    torch.manual_seed(seed)
+    net = build_model(ModelConfig(arch=model, kwargs=kwargs)).double().eval()
+    xt = torch.as_tensor(x)
+    yt = torch.as_tensor(y, dtype=torch.float64) if task == "binary" else torch.as_tensor(y)
+    problem = Problem(model=net, objective=Objective(task, wd), params=ParamSpace.select(net, "all"),
+                      train_loader=Rows(xt, yt), n=len(y), damping=solver_cfg.damping, hessian=solver_cfg.hessian)
+    params = list(net.parameters())
+    result = minimize(net, params, problem.objective, problem.train_loader, len(y),
+                      TrainConfig(optimizer="lbfgs", epochs=5000 if hidden else 1000, tol=1e-7))
+    net.requires_grad_(False)
+    solver = make_solver(solver_cfg).fit(problem)
+    res = loo_loss(problem, solver)
+    return {"loss": res.loss, "self_influence": res.self_influence, "loo_loss": res.loo_loss, "outputs": res.outputs,
+            "loo_outputs": res.loo_outputs, "leverage": res.leverage, "grad_norm": np.array(result.grad_norm)}
 
 
-def influence_signals(config: Path) -> tuple[list[str], dict[str, np.ndarray], dict[str, float]]:
-    cfg = load_config(config)
-    trained = pipeline.train(cfg)
-    inp = pipeline.load_inputs(cfg)
-    solver = make_solver(cfg.solver).fit(inp.problem)
-    res = loo_loss(inp.problem, solver)
-    signals = {"self_influence": res.self_influence, "loss": res.loss, "loo_loss_1st": res.loo_loss_first_order,
-               "loo_loss": res.loo_loss}
-    info = {"grad_norm": trained.summary["grad_norm"], "capped": res.capped, "leverage_max": float(res.leverage.max())}
-    return list(inp.train.ids), signals, info
+def cleanlab_cell(x: np.ndarray, y: np.ndarray, model: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Confident learning (cleanlab) on 5-fold out-of-fold probabilities of the matching sklearn model."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
 
-
-def group_check(name: str, config: Path, truth: np.ndarray) -> list[str]:
-    """A "bad annotator" group holding every flipped row plus 5% of the clean rows, the other clean
-    rows split at random into 4 groups: groups.csv's first- and second-order estimates of the mean
-    test loss change against retraining without each group (verify.retrain_groups). Table rows."""
-    cfg = load_config(config)
-    inp = pipeline.load_inputs(cfg, need_test=True)
-    problem, source = inp.problem, GradientSource(inp.problem)
-    solver = make_solver(cfg.solver).fit(problem)
-    test_loader = pipeline._Cast(make_loader(inp.test, cfg.batch_size), torch.float64)
-    gbar = torch.cat([b.grads.double() for b in source.per_example(test_loader)]).mean(0)
-    a = solver.ihvp(gbar[None])
-    clean = np.random.default_rng(0).permutation(np.flatnonzero(~truth))
-    extra = round(0.05 * len(truth))
-    groups = {"bad": np.sort(np.r_[np.flatnonzero(truth), clean[:extra]])}
-    groups |= {f"random{k}": np.sort(part) for k, part in enumerate(np.array_split(clean[extra:], 4))}
-    frame = group_effects(problem, solver, a, groups, lambda: source.per_example(problem.train_loader),
-                          test_hvp=mean_loss_hvp(problem, test_loader, inp.test.n))
-    results = retrain_groups(problem, [groups[g] for g in frame.group], mean_test_loss(problem.objective, test_loader),
-                             cfg.train, test_ihvp_mean=a[0])
-    rows = []
-    for (_, row), res in zip(frame.iterrows(), results, strict=True):
-        actual, first, second = res.actual_loss_change, row.loss_change_if_removed, row.loss_change_if_removed_2nd
-        rows.append(f"| {name} | {row.group} | {row['size']} ({truth[groups[row.group]].sum()} flipped) | {first:.4f} "
-                    f"| {second:.4f} | {actual:.4f} | {abs(first - actual):.4f} | {abs(second - actual):.4f} |")
-    return rows
-
-
-def cleanlab_signal(name: str, weight_decay: float, model: str = "logreg", hidden: int = 64,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
-    """(suspicion score, flagged mask) from cleanlab on 5-fold out-of-fold probabilities of the same
-    kind of model with the same L2 strength (sklearn penalizes weights, not biases); None without cleanlab."""
-    try:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
-    except ImportError:
-        return None
-    frame = pd.read_csv(ROOT / "sample_data" / name / "train.csv")
-    x = frame[[c for c in frame.columns if c not in ("id", "label", "source")]].to_numpy(np.float64)
-    y = frame["label"].to_numpy()
+    wd, hidden, _ = MODELS[model]
     classes = int(y.max()) + 1
     probs = np.zeros((len(y), classes))
     for fit, held in StratifiedKFold(5, shuffle=True, random_state=seed).split(x, y):
-        if model == "mlp":  # alpha ||W||^2 / (2 n_fit) = 0.5 wd ||W||^2
-            clf = MLPClassifier((hidden,), activation="tanh", solver="lbfgs", alpha=weight_decay * len(fit),
+        if hidden:  # sklearn: alpha ||W||^2 / (2 n_fit) = 0.5 wd ||W||^2
+            clf = MLPClassifier((hidden,), activation="tanh", solver="lbfgs", alpha=wd * len(fit),
                                 max_iter=3000, random_state=seed)
         else:
-            clf = LogisticRegression(C=1.0 / (len(fit) * weight_decay), max_iter=5000)
+            clf = LogisticRegression(C=1.0 / (len(fit) * wd), max_iter=5000)
         clf.fit(x[fit], y[fit])
         probs[held] = clf.predict_proba(x[held])
-    quality = get_label_quality_scores(y, probs, method="self_confidence")
-    flagged = find_label_issues(y, probs)
-    return -quality, flagged
+    return {"cl_score": -get_label_quality_scores(y, probs), "cl_flagged": find_label_issues(y, probs),
+            "cl_probs": probs}
 
 
-def metrics(score: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    order = np.lexsort((np.arange(len(score)), -score))
-    out = {}
-    for f in FRACTIONS:
-        top = order[: math.ceil(f * len(score))]
-        out[f"recall@{int(f * 100)}%"] = truth[top].sum() / truth.sum()
-    out["AUROC"] = roc_auc_score(truth, score)
-    out["AP"] = average_precision_score(truth, score)
+def cell(args: argparse.Namespace, name: str, model: str, rate: float, kind: str) -> dict[str, np.ndarray]:
+    """Every array of one cell, from --cache when there; rate 0 = the clean labels."""
+    path = None if args.cache is None else Path(args.cache) / f"{name}_{model}_{rate:g}_{kind}.npz"
+    if path is not None and path.exists():
+        return dict(np.load(path))
+    x, clean = load_dataset(name)
+    classes = int(clean.max()) + 1
+    seed = int(1000 * rate) + (7 if kind == "classcond" else 0)
+    y, flipped = (clean, np.zeros(len(clean), bool)) if rate == 0 else add_noise(clean, classes, rate, kind, seed)
+    out = {"labels": y, "flipped": flipped, **influence_cell(x, y, classes, model)}
+    if rate > 0:
+        out |= cleanlab_cell(x, y, model)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **out)
     return out
+
+
+def scores(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The four compared scores of a cell (higher = more suspect)."""
+    probs = class_probs(c["loo_outputs"])
+    loo = c["loo_loss"] if "loo_loss" in c else -np.log(probs[np.arange(len(probs)), c["labels"]])
+    return {"loss": c["loss"], "self_influence": c["self_influence"], "cleanlab": c["cl_score"],
+            "suspicion": suspicion(c["loss"], loo, label_margin(probs, c["labels"]))}
+
+
+def metrics(score: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    order = np.lexsort((np.arange(len(score)), -score))
+    recall = [truth[order[: int(np.ceil(f * len(score)))]].sum() / truth.sum() for f in (0.1, 0.2)]
+    return recall[0], recall[1], average_precision_score(truth, score)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--model", choices=["logreg", "mlp"], default="logreg",
-                        help="mlp: one tanh hidden layer (--hidden units), which can memorize flipped labels")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
-    parser.add_argument("--groups", action="store_true",
-                        help="also check group influence on a group holding every flipped row (retrains 5 groups)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rates", default="0.1,0.2")
+    parser.add_argument("--kinds", default="uniform,classcond")
+    parser.add_argument("--cache", default=None, help="folder for each cell's arrays (npz); reruns only rescore")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = ["| dataset | signal | " + " | ".join([f"recall@{int(f * 100)}%" for f in FRACTIONS] + ["AUROC", "AP"]) + " |",
-             "|---|---|" + "---|" * (len(FRACTIONS) + 2)]
-    notes = []
-    group_lines = ["| dataset | group (sorted as groups.csv) | size | 1st order | 2nd order | retrained | "
-                   "1st error | 2nd error |", "|---|---|---|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory(prefix="infl_label_errors_") as tmp:
-        for name in args.datasets.split(","):
-            config = write_config(name, args.weight_decay, Path(tmp), args.model, args.hidden)
-            ids, signals, info = influence_signals(config)
-            key = pd.read_csv(ROOT / "sample_data" / name / "answer_key.csv").set_index("id")
-            truth = key.loc[ids, "flipped"].to_numpy().astype(bool)
-            clean = cleanlab_signal(name, args.weight_decay, args.model, args.hidden)
-            if clean is not None:
-                signals["cleanlab (CL, 5-fold)"] = clean[0]
-                flagged = clean[1]
-                notes.append(f"{name}: cleanlab find_label_issues flags {flagged.sum()} rows, precision "
-                             f"{truth[flagged].mean():.3f}, recall {truth[flagged].sum() / truth.sum():.3f}")
-            notes.append(f"{name}: n={len(ids)}, flipped={truth.sum()}, train grad norm {info['grad_norm']:.2g}, "
-                         f"max leverage {info['leverage_max']:.3f}, capped {info['capped']}, "
-                         f"mean training loss of flipped rows {signals['loss'][truth].mean():.3g}, "
-                         f"of clean rows {signals['loss'][~truth].mean():.3g}")
-            for signal, score in signals.items():
-                m = metrics(np.asarray(score), truth)
-                lines.append(f"| {name} | {signal} | " + " | ".join(f"{v:.3f}" for v in m.values()) + " |")
-            if args.groups:
-                group_lines += group_check(name, config, truth)
-    model = "logistic regression, damping 0, exact Hessian" if args.model == "logreg" else (
-        f"MLP (1 tanh layer of {args.hidden}), damping 1e-3, Gauss-Newton Hessian")
-    print(f"{model}, weight_decay = {args.weight_decay:g}, direct solver\n")
+    head = "| dataset | model | noise | kind | " + " | ".join(
+        f"{s} r@10 / r@20 / AP" for s in SIGNALS) + " | suspicion - best | flagged / flips | flag precision | CL flagged (prec.) " \
+        "| est. rate [90% int.] | clean-data flag rate |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    start = time.perf_counter()
+    for name in args.datasets.split(","):
+        for model in args.models.split(","):
+            clean = cell(args, name, model, 0.0, "none")
+            clean_flags = flag_errors(clean["labels"], class_probs(clean["loo_outputs"]))
+            for rate in map(float, args.rates.split(",")):
+                for kind in args.kinds.split(","):
+                    c = cell(args, name, model, rate, kind)
+                    truth = c["flipped"]
+                    measured = {k: metrics(np.asarray(v), truth) for k, v in scores(c).items()}
+                    cols = [" / ".join(f"{v:.3f}" for v in m) for m in measured.values()]
+                    best = np.max([measured[k] for k in SIGNALS[:3]], axis=0)
+                    cols.append(f"{np.min(np.array(measured['suspicion']) - best):+.3f}")
+                    flags = flag_errors(c["labels"], class_probs(c["loo_outputs"]))
+                    f, cl = flags.flagged, c["cl_flagged"]
+                    prec = truth[f].mean() if f.any() else float("nan")
+                    lines.append(
+                        f"| {name} | {model} | {rate:.0%} | {kind} | " + " | ".join(cols)
+                        + f" | {f.sum()} / {truth.sum()} | {prec:.3f} | {cl.sum()} ({truth[cl].mean():.3f}) "
+                        f"| {flags.error_rate:.3f} [{flags.interval[0]:.3f}, {flags.interval[1]:.3f}] "
+                        f"| {clean_flags.flagged.mean():.3f} |")
+                    print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
-    print()
-    print("\n".join(f"- {note}" for note in notes))
-    if args.groups:
-        print("\nGroup influence on the mean test loss (groups.csv estimates vs retraining without the group):\n")
-        print("\n".join(group_lines))
+    print(f"\n{time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ Cost of `loo_loss`: one pass over the training rows computing per-row output Jac
 passes per row, memory B*C*p per block) and C inverse-HVPs per row (half_ihvp for factored solvers:
 one triangular solve of B*C vectors). That is C times self-influence's solve cost; for C in the
 hundreds use `loo_loss_first_order`.
+
+`LooResult.loo_outputs` (n, C) are f_i + df_i themselves (C = 1 for binary, the output width for
+regression): softmax/sigmoid of them are the leave-one-out class probabilities that
+`suspicion.suspicion` and `suspicion.flag_errors` use, at no extra cost (exp(-loo_loss_i) is the
+probability of the given label among them).
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class LooResult:
     self_influence: np.ndarray
     leverage: np.ndarray
     capped: int
+    outputs: np.ndarray  # (n, C) the model's outputs f_i (logits; C = 1 for binary)
+    loo_outputs: np.ndarray  # (n, C) f_i + df_i: the outputs at the Newton leave-one-out parameters
 
 
 def loo_loss(problem: Problem, solver: Solver, loader: Loader | None = None, progress: Progress | None = None,
@@ -93,6 +100,8 @@ def loo_loss(problem: Problem, solver: Solver, loader: Loader | None = None, pro
 
     jac = vmap(jacrev(outputs_of), in_dims=(None, 0))
     result = {k: np.full(n, np.nan) for k in ("loo", "first", "loss", "si", "lev")}
+    outs: np.ndarray | None = None
+    loo_outs: np.ndarray | None = None
     capped, done, p = 0, 0, names.size
     shape: torch.Size | None = None
     step = 1
@@ -114,8 +123,12 @@ def loo_loss(problem: Problem, solver: Solver, loader: Loader | None = None, pro
             ok = lev < LEVERAGE_CAP
             eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device).expand_as(m)
             solved = torch.linalg.solve(torch.where(ok[:, None, None], eye - m, eye), r.unsqueeze(2)).squeeze(2)
-            newton = _loss_at(obj, out + torch.einsum("bcd,bd->bc", kernel, solved) / n, yb, shape)
+            moved = out + torch.einsum("bcd,bd->bc", kernel, solved) / n
+            newton = _loss_at(obj, moved, yb, shape)
             rows = ib.cpu().numpy()
+            if outs is None:
+                outs, loo_outs = np.full((n, out.shape[1]), np.nan), np.full((n, out.shape[1]), np.nan)
+            outs[rows], loo_outs[rows] = out.cpu().numpy(), moved.cpu().numpy()
             result["loo"][rows] = newton.cpu().numpy()
             result["first"][rows] = (loss + si / n).cpu().numpy()
             result["loss"][rows] = loss.cpu().numpy()
@@ -125,7 +138,9 @@ def loo_loss(problem: Problem, solver: Solver, loader: Loader | None = None, pro
             done += len(ib)
             if progress is not None:
                 progress(done, n)
-    return LooResult(result["loo"], result["first"], result["loss"], result["si"], result["lev"], capped)
+    empty = np.zeros((n, 0))
+    return LooResult(result["loo"], result["first"], result["loss"], result["si"], result["lev"], capped,
+                     empty if outs is None else outs, empty if loo_outs is None else loo_outs)
 
 
 def _flat_jac(names: tuple[str, ...], jac: dict[str, Tensor]) -> Tensor:
@@ -157,3 +172,4 @@ def _loss_derivatives(obj, out: Tensor, y: Tensor, shape: torch.Size) -> tuple[T
 
 def _loss_at(obj, out: Tensor, y: Tensor, shape: torch.Size) -> Tensor:  # noqa: ANN001
     return obj.per_example_loss(out.reshape(len(out), *shape), y).double()
+

@@ -1,0 +1,186 @@
+"""How likely each training row's label is wrong (`suspicion`), which rows to flag, and the error rate.
+
+Pure numpy on arrays selfcheck already has: the training loss L_i, the Newton leave-one-out loss and
+outputs from `signals.loo_loss` (LooResult.loo_loss, .loo_outputs), and the labels y_i.
+
+suspicion (method SUSPICION_METHOD, higher = more suspect, in (0, 1]):
+
+    suspicion_i = mean over the components c of  rank(c)_i / n        (average ranks for ties)
+
+with the components, for classification and binary:
+  - L_i = -log q_i(y_i), the training loss (q = the model's probabilities): how surprised the fitted
+    model is by the label. Strong when the model cannot memorize the row.
+  - LOO_i = -log p_i(y_i), the Newton leave-one-out loss (p = softmax of f_i + df_i, the outputs after
+    one Newton step without the row): the same surprise once the row's own pull on theta is removed,
+    i.e. an approximate out-of-sample (cross-validated) probability at the cost of one fit.
+  - M_i = max_{k != y_i} p_i(k) - p_i(y_i), the leave-one-out margin (cleanlab's "normalized margin"
+    on leave-one-out instead of K-fold probabilities): how strongly another class is preferred.
+For binary (one logit) M_i = 1 - 2 p_i(y_i) ranks like LOO_i, so the leave-one-out side weighs 2/3.
+For regression the components are L_i and LOO_i (squared training and leave-one-out residuals).
+Rank averaging (Borda) puts the three on one scale without tuning; each alone loses somewhere
+(benchmarks/label_errors.py): the loss where the model partly fits the flips, the leave-one-out
+probabilities where a few high-leverage clean rows look out-of-sample wrong.
+
+Without the Newton pass (more than NEWTON_MAX_CLASSES classes, or a solver without ihvp), use
+LOO_i ~= L_i + self_influence_i / n (signals.loo_loss_first_order) and the training margin from q:
+method SUSPICION_METHOD_FIRST_ORDER.
+
+flag_errors (classification, binary): confident learning (Northcutt et al. 2021) on the
+leave-one-out probabilities. Per class k the threshold t_k = mean of p_i(k) over rows labeled k; row
+i "confidently belongs" to the classes k with p_i(k) >= t_k, and to the likeliest of them, k*_i.
+flagged_i = (k*_i exists and k*_i != y_i). The confident joint counts (y_i, k*_i); calibrated so each
+row sums to the class's count, its off-diagonal mass / n is the estimated error rate; its interval is
+a percentile bootstrap over rows. Cost O(n C) per evaluation, O(bootstrap * n C) in all.
+
+flag_residuals (regression): rows whose leave-one-out residual exceeds RESIDUAL_Z robust standard
+deviations (sigma = median |r| / 0.6745); the error rate is the flagged fraction, Wilson interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SUSPICION_METHOD = "rank_mean(loss,loo_loss,loo_margin)"
+SUSPICION_METHOD_FIRST_ORDER = "rank_mean(loss,loo_loss_first_order,margin)"
+SUSPICION_METHOD_REGRESSION = "rank_mean(loss,loo_loss)"
+FLAG_METHOD = "confident_learning(loo_probs)"
+FLAG_METHOD_REGRESSION = "loo_residual_robust_z"
+NEWTON_MAX_CLASSES = 64  # the Newton pass costs ~C self-influence passes; beyond this use the first-order form
+RESIDUAL_Z = 3.5
+
+
+@dataclass(frozen=True)
+class Flags:
+    """flagged (n,) bool; suggested (n,) int64, the confidently preferred class k* (the argmax of the
+    probabilities where no class passes its threshold; -1 for regression); error_rate, the estimated
+    fraction of wrong labels, with its `interval` (lo, hi) at `confidence`; class_error_rate (C,),
+    the estimated fraction of wrong labels among rows given each label (empty for regression)."""
+
+    flagged: np.ndarray
+    suggested: np.ndarray
+    error_rate: float
+    interval: tuple[float, float]
+    class_error_rate: np.ndarray
+    confidence: float
+
+
+def class_probs(outputs: np.ndarray) -> np.ndarray:
+    """Class probabilities (n, C) from logits (n, C) by softmax; one binary logit (n, 1) -> (n, 2) [1-s, s]."""
+    f = np.asarray(outputs, dtype=np.float64)
+    if f.ndim == 1 or f.shape[1] == 1:
+        s = 0.5 * (1.0 + np.tanh(0.5 * f.reshape(-1)))  # the logistic function without overflow
+        return np.stack([1.0 - s, s], axis=1)
+    z = np.exp(f - f.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def label_margin(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """max_{k != y_i} p_i(k) - p_i(y_i), in [-1, 1]: > 0 where another class is preferred. (n, C), (n,) -> (n,)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    rows, y = np.arange(len(probs)), np.asarray(labels).astype(np.int64)
+    other = probs.copy()
+    other[rows, y] = -np.inf
+    return other.max(axis=1) - probs[rows, y]
+
+
+def percentile_rank(values: np.ndarray) -> np.ndarray:
+    """rank_i / n in (0, 1], 1 = the largest; ties share their average rank; NaN ranks lowest. (n,) -> (n,)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = np.where(np.isnan(v), -np.inf, v)
+    order = np.argsort(v, kind="stable")
+    sorted_v = v[order]
+    starts = np.r_[True, sorted_v[1:] != sorted_v[:-1]]
+    group = np.cumsum(starts) - 1
+    bounds = np.r_[np.flatnonzero(starts), len(v)]
+    average = 0.5 * (bounds[group] + 1 + bounds[group + 1])  # mean of the 1-based ranks in the tie group
+    ranks = np.empty(len(v))
+    ranks[order] = average
+    return ranks / max(len(v), 1)
+
+
+def suspicion(loss: np.ndarray, loo_loss: np.ndarray, margin: np.ndarray | None = None) -> np.ndarray:
+    """The mean percentile rank of the training loss, the leave-one-out loss and (classification,
+    binary) the leave-one-out margin `label_margin(class_probs(loo_outputs), labels)`; see the module
+    docstring for the math and the method names. All (n,), float64; higher = more likely mislabeled."""
+    parts = [loss, loo_loss] + ([] if margin is None else [margin])
+    return np.mean([percentile_rank(p) for p in parts], axis=0)
+
+
+def flag_errors(labels: np.ndarray, probs: np.ndarray, *, confidence: float = 0.9, bootstrap: int = 200,
+                seed: int = 0) -> Flags:
+    """Confident learning on (leave-one-out) class probabilities (n, C) for labels (n,) in 0..C-1 (see
+    the module docstring). `bootstrap` row resamples give the error rate's percentile interval
+    (0: a Wilson interval around the flagged fraction instead)."""
+    y = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n, classes = probs.shape
+    suggested, confident = _confident_class(y, probs)
+    flagged = confident & (suggested != y)
+    per_class = _calibrated_off_diagonal(y, suggested, confident, classes)
+    rate = float(per_class @ np.bincount(y, minlength=classes)) / n
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        draws = np.empty(bootstrap)
+        for b in range(bootstrap):
+            rows = rng.integers(0, n, n)
+            yb = y[rows]
+            sb, cb = _confident_class(yb, probs[rows])
+            draws[b] = _calibrated_off_diagonal(yb, sb, cb, classes) @ np.bincount(yb, minlength=classes) / n
+        tail = 50.0 * (1.0 - confidence)
+        lo, hi = np.percentile(draws, [tail, 100.0 - tail])
+        interval = (float(min(lo, rate)), float(max(hi, rate)))
+    else:
+        interval = wilson_interval(int(flagged.sum()), n, confidence)
+    return Flags(flagged, suggested, rate, interval, per_class, confidence)
+
+
+def flag_residuals(loo_loss: np.ndarray, *, z: float = RESIDUAL_Z, confidence: float = 0.9) -> Flags:
+    """Regression: flag rows whose leave-one-out residual |r_i| = sqrt(loo_loss_i) (the root of the
+    mean squared error over outputs) exceeds z * median|r| / 0.6745 (a robust standard deviation;
+    on clean Gaussian noise this flags 0.05% of rows at z = 3.5). Error rate = flagged fraction."""
+    r = np.sqrt(np.clip(np.asarray(loo_loss, dtype=np.float64), 0.0, None))
+    sigma = np.median(r) / 0.6745
+    flagged = r > z * sigma if sigma > 0 else r > 0
+    count, n = int(flagged.sum()), len(r)
+    return Flags(flagged, np.full(n, -1, dtype=np.int64), count / max(n, 1), wilson_interval(count, n, confidence),
+                 np.zeros(0), confidence)
+
+
+def wilson_interval(count: int, n: int, confidence: float = 0.9) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion count / n."""
+    from statistics import NormalDist
+
+    if n == 0:
+        return (0.0, 1.0)
+    zq = NormalDist().inv_cdf(0.5 + confidence / 2)
+    phat = count / n
+    centre = (phat + zq * zq / (2 * n)) / (1 + zq * zq / n)
+    half = zq * np.sqrt(phat * (1 - phat) / n + zq * zq / (4 * n * n)) / (1 + zq * zq / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def _confident_class(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(k*_i, whether any class passes its threshold): per-class thresholds t_k = mean p(k) over rows
+    labeled k (a class with no rows never passes); k*_i = the likeliest class with p_i(k) >= t_k, or
+    the argmax where none does."""
+    classes = probs.shape[1]
+    counts = np.bincount(y, minlength=classes)
+    sums = np.zeros(classes)
+    np.add.at(sums, y, probs[np.arange(len(y)), y])
+    thresholds = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
+    above = probs >= thresholds
+    confident = above.any(axis=1)
+    chosen = np.where(above, probs, -np.inf).argmax(axis=1)
+    return np.where(confident, chosen, probs.argmax(axis=1)), confident
+
+
+def _calibrated_off_diagonal(y: np.ndarray, suggested: np.ndarray, confident: np.ndarray, classes: int) -> np.ndarray:
+    """Per given label k: the off-diagonal share of the confident joint's row k, (C,). Calibrating
+    row k to the class's count n_k makes n_k times this the estimated number of wrong labels in it."""
+    joint = np.zeros((classes, classes))
+    np.add.at(joint, (y[confident], suggested[confident]), 1.0)
+    totals = joint.sum(axis=1)
+    off = totals - np.diag(joint)
+    return np.where(totals > 0, off / np.maximum(totals, 1.0), 0.0)
