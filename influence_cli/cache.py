@@ -17,12 +17,14 @@ is over `cache.max_gb`.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,28 @@ class Cache:
         self.stats.hits.append(name)
         return value
 
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive lock on one entry across processes (an flock on .locks/<name>.lock): whoever
+        holds it computes the entry, the others wait and then read it. A no-op without a folder."""
+        if self.root is None:
+            yield
+            return
+        path = self.root / ".locks" / f"{name}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            self._off(f"cannot lock {path} ({e.strerror})")
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
     def has(self, name: str) -> bool:
         """Whether an entry (or shard folder) of that name exists; its checksum is checked on `get`."""
         return self.root is not None and ((self.root / f"{name}.pt").is_file() or (self.root / name).is_dir())
@@ -128,6 +152,8 @@ class Cache:
             return []
         removed, entries, now = [], [], time.time()
         for item in self.root.iterdir():
+            if item.name == ".locks":  # empty lock files, held by running jobs
+                continue
             try:
                 if item.name.endswith(".tmp"):
                     if now - item.stat().st_mtime > STALE_TEMP_SECONDS:

@@ -23,7 +23,7 @@ from .config import Config, load_config
 from .errors import ConfigError, InflError
 
 if TYPE_CHECKING:  # the library imports torch (seconds): commands import it when they run, so --help is instant
-    pass
+    from .run import ProgressFn, Report  # noqa: F401
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
@@ -152,6 +152,27 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _job(shard: str | None, merge: bool) -> tuple[int, int] | None:
+    """--shard i/N as (i, N), 0 <= i < N; ConfigError for anything else."""
+    if shard is not None and merge:
+        raise ConfigError("--shard and --merge: give one (the jobs with --shard, then one run with --merge)")
+    if shard is None:
+        return None
+    i, _, n = shard.partition("/")
+    if not (i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
+        raise ConfigError(f"--shard: {shard!r} is not i/N with 0 <= i < N", hint="for example --shard 0/4")
+    return int(i), int(n)
+
+
+def _shard_done(ui: render.UI, result: Report) -> None:
+    s = result.summary
+    ui.finish(result, [])
+    if ui.show:
+        ui.out.print(f"shard {s['shard']}: {s['shards']} of {s['shards_total']} cache shards (rows {s['rows']}),"
+                     f" {s['shards_computed']} computed, {s['shards_reused']} already there; no report written:"
+                     " run the same command with --merge when every job is done")
+
+
 def _threshold(ui: render.UI, breached: bool, message: str) -> None:
     if breached:
         ui.err.print(f"threshold: {message}")
@@ -159,6 +180,11 @@ def _threshold(ui: render.UI, breached: bool, message: str) -> None:
 
 TopOpt = Annotated[int, typer.Option(min=1, help="Rows shown in the terminal table (the CSV has all).")]
 TestIdsOpt = Annotated[str | None, typer.Option(help="Only these test ids, comma separated (default: all).")]
+ShardOpt = Annotated[str | None, typer.Option(
+    metavar="i/N", help="Compute only shard i of N of the training rows into the cache (cache.dir), write no report"
+                        " (SLURM arrays, Kubernetes Indexed Jobs); then --merge.")]
+MergeOpt = Annotated[bool, typer.Option(help="Write the reports from the --shard jobs' shards in the cache, computing"
+                                             " none (exit 3 naming the missing ones).")]
 SweepOpt = Annotated[bool, typer.Option(help="Also rank at 0.1x and 10x solver.damping (curvature refitted only)"
                                              " and report how much the ranking moves.")]
 
@@ -174,6 +200,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               group_by: Annotated[str | None, typer.Option(
                   help="Training column naming each row's group (default data.train.group);"
                        " writes selfcheck_groups.csv.")] = None,
+              shard: ShardOpt = None, merge: MergeOpt = False,
               gallery: Annotated[str, typer.Option(
                   help="Image data: sheet (suspects.png, the top suspects) | per-class (suspects_<label>.png)"
                        " | none.")] = "sheet") -> None:
@@ -189,9 +216,15 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         from .run import Run
 
         options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by, gallery=gallery)
+        job = _job(shard, merge)
         cfg = _load(config, set_, out, no_cache=no_cache)
         with ui.progress() as progress:
-            result = selfcheck_command(Run.open(cfg, "selfcheck", progress), options)
+            run = Run.open(cfg, "selfcheck", progress)
+            run.distribute(job, merge)
+            result = selfcheck_command(run, options)
+        if job is not None:
+            _shard_done(ui, result)
+            raise typer.Exit(0)
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         s = result.summary
         breached = fail_above is not None and s["flagged_fraction"] > fail_above
@@ -221,7 +254,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
                                                       " helpful + K most harmful by a K-FAC influence estimate; grad"
                                                       " by gradient dot products; cosine / l2 are FastIF's, in the"
                                                       " last Linear layer's input features.")] = "kfac",
-         no_cache: NoCacheOpt = False) -> None:
+         no_cache: NoCacheOpt = False, shard: ShardOpt = None, merge: MergeOpt = False) -> None:
     """Influence of every training example on test examples (helpful/harmful/overall.csv).
 
     Example: infl rank -c configs/digits.yaml --test-ids d0022,d0105 --top 5
@@ -235,9 +268,15 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
 
         options = RankOptions(top=top, test_ids=_split_ids(test_ids), group_by=group_by, knn=knn,
                               knn_metric=knn_metric, damping_sweep=damping_sweep)
+        job = _job(shard, merge)
         cfg = _load(config, set_, out, no_cache=no_cache)
         with ui.progress() as progress:
-            result = rank_command(Run.open(cfg, "rank", progress, need_test=True), options)
+            run = Run.open(cfg, "rank", progress, need_test=True)
+            run.distribute(job, merge)
+            result = rank_command(run, options)
+        if job is not None:
+            _shard_done(ui, result)
+            raise typer.Exit(0)
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
         ui.finish(result, files)
         if ui.show:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .cache import FORMAT, Cache, content_key
 from .config import Config
+from .errors import DataError
 from .objective import Problem
 from .solvers import MemoryChecked, Solver
 from .solvers.base import Progress, Stateful
@@ -59,20 +60,24 @@ def fit_name(solver_name: str, key: dict[str, Any]) -> str:
 
 
 def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, Any],
-               progress: Progress | None = None) -> tuple[Solver, bool]:
+               progress: Progress | None = None, fit_allowed: bool = True) -> tuple[Solver, bool]:
     """(fitted solver, reused): its stored curvature when the cache has it, else fit and store."""
     if not isinstance(solver, Stateful) or not cache.enabled:
         return solver.fit(problem, progress), False
     name = fit_name(solver.name, key)
     if isinstance(solver, MemoryChecked):
         solver.check_memory(problem)  # refuse before reading a stored factor that could not be used (direct's is p x p)
-    stored = cache.get(name)
-    if stored is not None:
-        if progress is not None:
-            progress(1, 1)
-        return solver.load_state(stored, problem), True
-    solver.fit(problem, progress)
-    cache.put(name, solver.state())
+    with cache.lock(name):  # concurrent jobs (--shard i/N): the first fits, the others wait and read it
+        stored = cache.get(name)
+        if stored is not None:
+            if progress is not None:
+                progress(1, 1)
+            return solver.load_state(stored, problem), True
+        if not fit_allowed:
+            raise DataError("--merge: the cache holds no fitted curvature for these inputs",
+                            hint="run the --shard i/N jobs first, with the same config and options")
+        solver.fit(problem, progress)
+        cache.put(name, solver.state())
     return solver, False
 
 
@@ -81,13 +86,33 @@ def shard_ranges(n: int, shard_rows: int, batch_size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def job_of(shard: int, shards: int, jobs: int) -> int:
+    """The `--shard i/N` job that computes shard k of K: contiguous blocks of shards, job i has
+    shards [i K / N, (i + 1) K / N)."""
+    return shard * jobs // shards
+
+
 def shards(cache: Cache, name: str, ranges: list[range], compute: Callable[[range, int], dict[str, Any]],
-           progress: Progress | None = None) -> Iterator[tuple[range, dict[str, Any], bool]]:
+           progress: Progress | None = None, *, job: tuple[int, int] | None = None, merge: bool = False
+           ) -> Iterator[tuple[range, dict[str, Any], bool]]:
     """(rows, value, reused) per shard, in order. compute(rows, done_before) runs only for shards the
-    cache lacks; each is committed as soon as it finishes (what survives a kill)."""
+    cache lacks; each is committed as soon as it finishes (what survives a kill).
+    job=(i, N): only job i's shards (job_of), the others are not yielded. merge: compute nothing;
+    DataError naming the jobs whose shards are missing."""
     total = ranges[-1].stop if ranges else 0
+    parts = [f"{name}/shard-{k:05d}-of-{len(ranges):05d}" for k in range(len(ranges))]
+    if merge:
+        missing = [k for k, part in enumerate(parts) if not cache.has(part)]
+        if missing:
+            rows = ", ".join(f"{ranges[k].start}-{ranges[k].stop - 1}" for k in missing[:5])
+            raise DataError(f"--merge: {len(missing)} of {len(ranges)} shards are not in the cache (rows {rows})",
+                            hint="rerun the --shard jobs that did not finish, with the same config and options;"
+                                 " for --shard i/N with N jobs the missing shards are "
+                                 + ", ".join(f"{k} of {len(ranges)}" for k in missing[:5]))
     for k, rows in enumerate(ranges):
-        part = f"{name}/shard-{k:05d}-of-{len(ranges):05d}"
+        if job is not None and job_of(k, len(ranges), job[1]) != job[0]:
+            continue
+        part = parts[k]
         value = cache.get(part)
         reused = value is not None
         if value is None:

@@ -103,6 +103,18 @@ class Run:
         self.solver: Solver | None = None
         self.fit_reused = False
         self.warnings: list[str] = []
+        self.job: tuple[int, int] | None = None  # --shard i/N: compute only job i's shards, write no report
+        self.merge = False  # --merge: compute no shard, read them all from the cache
+
+    def distribute(self, job: tuple[int, int] | None, merge: bool) -> None:
+        """`--shard i/N` or `--merge` (no rendezvous: the jobs meet in the cache folder)."""
+        if job is None and not merge:
+            return
+        option = "--merge" if merge else "--shard"
+        if not self.cache.enabled:
+            raise ConfigError(f"{option}: needs the cache (shards meet in cache.dir)",
+                              hint="drop --no-cache / cache.enabled: false, and give every job the same cache.dir")
+        self.job, self.merge = job, merge
 
     @classmethod
     def open(cls, cfg: Config, command: str, progress: ProgressFn | None = None, *, need_test: bool = False,
@@ -223,7 +235,7 @@ class Run:
                 solver = make_solver(self.cfg.solver, self.problem)
                 key = resume.solver_key(self.base_key, self.cfg, solver.name)
                 self.solver, self.fit_reused = resume.fit_solver(self.cache, solver, self.problem, key,
-                                                                 self.phase("fit"))
+                                                                 self.phase("fit"), fit_allowed=not self.merge)
         return self.solver
 
     # ---- resumable passes -----------------------------------------------------------------------
@@ -243,7 +255,19 @@ class Run:
             step = None if tick is None else (lambda d, _t: tick(done + d, n))
             return compute(rows, step)
 
-        yield from resume.shards(self.cache, name, ranges, run_shard, tick)
+        yield from resume.shards(self.cache, name, ranges, run_shard, tick, job=self.job, merge=self.merge)
+
+    def finish_shard(self, computed: int, reused: int) -> Report:
+        """The summary of a `--shard i/N` job: which shards it stored; no tables (the merge writes them)."""
+        job = self.job or (0, 1)
+        ranges = self.shard_ranges()
+        mine = [k for k in range(len(ranges)) if resume.job_of(k, len(ranges), job[1]) == job[0]]
+        rows = [r for k in mine for r in (ranges[k].start, ranges[k].stop)]
+        summary = {"command": self.command, "shard": f"{job[0]}/{job[1]}", "shards_total": len(ranges),
+                   "shards": len(mine), "shards_computed": computed, "shards_reused": reused,
+                   "rows": [min(rows), max(rows)] if rows else [], "fit_reused": self.fit_reused,
+                   "phases_seconds": self.timer.phases}
+        return Report({}, summary, {}, list(self.warnings))
 
     # ---- finishing ------------------------------------------------------------------------------
     def objective_at_checkpoint(self, loss_sum: float, grad_sum: Tensor) -> tuple[float, Tensor]:

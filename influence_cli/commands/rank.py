@@ -49,7 +49,16 @@ class RankOptions:
 
 
 def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
-    """The rank report of an opened run (with its test split): see the module docstring."""
+    """The rank report of an opened run (with its test split): see the module docstring; under
+    --shard i/N only the job's shards of the streamed pass, stored in the cache."""
+    if run.job is not None or run.merge:
+        if options.knn is not None:
+            raise ConfigError("--knn: not with --shard/--merge (the kNN pass is not sharded)")
+    if run.job is not None:
+        run.fit()
+        test = _test_gradients(run, run.test_rows(options.test_ids))
+        scored = _score_all(run, test, min(options.top, run.train.n))
+        return run.finish_shard(scored["shards"] - scored["reused"], scored["reused"])
     tables, summary = score(run, options)
     if options.damping_sweep:
         summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "overall.csv",

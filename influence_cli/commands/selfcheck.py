@@ -45,7 +45,12 @@ class SelfcheckOptions:
 
 
 def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Report:
-    """The selfcheck report of an opened run (see the module docstring)."""
+    """The selfcheck report of an opened run (see the module docstring); under --shard i/N only the
+    job's shards of the scored rows, stored in the cache."""
+    if run.job is not None:
+        run.fit()
+        rows = _scored_rows(run)
+        return run.finish_shard(rows["shards"] - rows["reused"], rows["reused"])
     tables, summary = score(run, options)
     if options.damping_sweep:
         summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "selfcheck.csv",
