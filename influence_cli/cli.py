@@ -194,8 +194,8 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               as_json: JsonOpt = False, debug: DebugOpt = False, top: TopOpt = 10,
               fail_above: Annotated[float | None, typer.Option(
                   min=0.0, max=1.0, help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None,
-              rank_by: Annotated[str, typer.Option(help="Sort order: self_influence | loo_loss | loss.")]
-              = "self_influence",
+              rank_by: Annotated[str, typer.Option(help="Sort order: suspicion (default) | self_influence | loo_loss | loss.")]
+              = "suspicion",
               damping_sweep: SweepOpt = False, no_cache: NoCacheOpt = False,
               group_by: Annotated[str | None, typer.Option(
                   help="Training column naming each row's group (default data.train.group);"
@@ -230,10 +230,13 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         breached = fail_above is not None and s["flagged_fraction"] > fail_above
         ui.finish(result, files, {"threshold_breached": breached})
         if ui.show:
-            ui.table("most self-influential training examples", result.tables["selfcheck.csv"],
-                     ["rank", "id", "label", "predicted", "prob_label", "self_influence", "flagged"], top)
+            ui.table(f"most suspect training examples (by {s['rank_by']})", result.tables["selfcheck.csv"],
+                     ["rank", "id", "label", "predicted", "suspicion", "self_influence", "flagged",
+                      "suggested_label"], top)
             render.health_tables(ui, result.tables)
-            ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); wrote {files[0]}")
+            lo, hi = s["estimated_error_rate_ci90"]
+            ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); estimated label error rate"
+                         f" {s['estimated_error_rate']:.1%} (90% interval {lo:.1%}..{hi:.1%}); wrote {files[0]}")
             render.sweep_lines(ui, s)
             render.cache_line(ui, s)
         _threshold(ui, breached, f"flagged fraction {s['flagged_fraction']:.4f} > --fail-above {fail_above}")

@@ -170,8 +170,7 @@ class TrainConfig:
 class SelfcheckConfig:
     """Which rows `flagged` marks. See README, "How rows are flagged"."""
 
-    flag_threshold: float = 2.0  # robust z-score of log(self_influence) above which a row is flagged
-    flag_fraction: float | None = None  # if set: flag exactly this top fraction instead
+    flag_fraction: float | None = None  # if set: flag exactly this top fraction (by the sort key) instead
     flag_requires_mismatch: bool = False  # classification: flag only rows the model mislabels
 
     def __post_init__(self) -> None:

@@ -35,8 +35,8 @@ __all__ = ["FILE_MODE", "jsonable", "write_atomic"]  # FILE_MODE: kept here for 
 FLOAT_FORMAT = "%.9g"
 
 
-SELFCHECK_COLUMNS = ["rank", "id", "label", "predicted", "prob_label", "loss", "self_influence", "flagged",
-                     "suggested_label"]
+SELFCHECK_COLUMNS = ["rank", "id", "label", "predicted", "prob_label", "loss", "self_influence", "suspicion",
+                     "flagged", "suggested_label"]
 PAIR_COLUMNS = ["test_id", "test_label", "rank", "train_id", "train_label", "loss_change_if_removed"]
 OVERALL_COLUMNS = ["rank", "id", "label", "loss_change_if_removed"]
 
@@ -62,8 +62,8 @@ def with_extra(table: pd.DataFrame, extra: pd.DataFrame, rows: np.ndarray) -> pd
 def selfcheck_table(ids: Sequence[str], labels: Sequence[Any], predicted: Sequence[Any],
                     prob_label: np.ndarray | None, loss: np.ndarray, self_influence: np.ndarray,
                     flagged: np.ndarray, suggested: Sequence[Any] | None, extra: pd.DataFrame,
-                    signals: Mapping[str, np.ndarray] | None = None, rank_by: np.ndarray | None = None
-                    ) -> pd.DataFrame:
+                    signals: Mapping[str, np.ndarray] | None = None, rank_by: np.ndarray | None = None, *,
+                    suspicion: np.ndarray | None = None) -> pd.DataFrame:
     """One row per training example, sorted by `rank_by` (default self_influence) descending.
     `signals` (name -> (n,)) become extra columns after SPEC's, before the carried ones."""
     order = order_desc(self_influence if rank_by is None else rank_by)
@@ -77,6 +77,7 @@ def selfcheck_table(ids: Sequence[str], labels: Sequence[Any], predicted: Sequen
         "prob_label": empty if prob_label is None else prob_label[order],
         "loss": loss[order],
         "self_influence": self_influence[order],
+        "suspicion": empty if suspicion is None else np.asarray(suspicion)[order],
         "flagged": flagged[order],
         "suggested_label": empty if suggested is None else np.asarray(suggested, dtype=object)[order],
     }, columns=SELFCHECK_COLUMNS)

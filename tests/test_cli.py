@@ -16,7 +16,7 @@ from influence_cli import cli
 from influence_cli.commands import selfcheck as selfcheck_module
 
 ROOT = Path(__file__).resolve().parents[1]
-SELFCHECK_HEADER = "rank,id,label,predicted,prob_label,loss,self_influence,flagged,suggested_label"
+SELFCHECK_HEADER = "rank,id,label,predicted,prob_label,loss,self_influence,suspicion,flagged,suggested_label"
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -62,16 +62,18 @@ def test_train_reports_convergence(capsys, cfg, tmp_path):
 def test_selfcheck_writes_spec_csv_and_manifest(capsys, cfg, tmp_path):
     code, out, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path), "--top", "3")
     assert code == 0, err
-    assert "most self-influential" in out and "error" not in err
+    assert "most suspect training examples (by suspicion)" in out and "error" not in err
+    assert "estimated label error rate" in out
     text = (tmp_path / "selfcheck.csv").read_text()
     assert text.splitlines()[0] == SELFCHECK_HEADER + ",loss_rank,loo_loss,source"  # SPEC columns first
     table = pd.read_csv(tmp_path / "selfcheck.csv")
     assert len(table) == 1437 and table["id"].is_unique
     assert (table["rank"] == np.arange(1, 1438)).all()
-    assert (np.diff(table["self_influence"]) <= 0).all() and (table["self_influence"] >= 0).all()
+    assert (np.diff(table["suspicion"]) <= 0).all() and (table["self_influence"] >= 0).all()  # SPEC's sort
+    assert ((table["suspicion"] > 0) & (table["suspicion"] <= 1)).all()
     flagged = table[table["flagged"]]
     assert len(flagged) > 0
-    assert (flagged["suggested_label"] == flagged["predicted"]).all()
+    assert (flagged["suggested_label"] != flagged["label"]).all() and flagged["suggested_label"].notna().all()
     assert table.loc[~table["flagged"], "suggested_label"].isna().all()
     assert ((table["prob_label"] > 0) & (table["prob_label"] <= 1)).all()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -79,6 +81,9 @@ def test_selfcheck_writes_spec_csv_and_manifest(capsys, cfg, tmp_path):
                 "phases_seconds", "memory", "summary"):
         assert key in manifest, key
     assert manifest["parameters"] == 650 and manifest["solver"]["factorization"] == "cholesky"
+    assert manifest["summary"]["suspicion_method"] == "rank_mean(loss,loo_loss,loo_margin)"
+    lo, hi = manifest["summary"]["estimated_error_rate_ci90"]
+    assert lo <= manifest["summary"]["estimated_error_rate"] <= hi
 
 
 def test_selfcheck_finds_the_flipped_labels(capsys, cfg, tmp_path, workspace):

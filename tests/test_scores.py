@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_case
 
-from influence_cli.config import SelfcheckConfig, SolverConfig, TrainConfig
+from influence_cli.config import SolverConfig, TrainConfig
 from influence_cli.gradients import GradientSource
-from influence_cli.scores import flag_rows, loss_change_if_removed, robust_z, self_influence
+from influence_cli.scores import loss_change_if_removed, self_influence
 from influence_cli.solvers import make_solver
 from influence_cli.train import minimize
 
@@ -115,21 +115,3 @@ def test_loss_change_agrees_with_leave_one_out_retraining():
     np.testing.assert_allclose(pred, actual, rtol=0.3, atol=2e-3)  # same scale, not only correlated
 
 
-def test_flag_rule_robust_z():
-    rng = np.random.default_rng(0)
-    si = np.exp(rng.normal(0, 1, 1000))
-    si[:10] *= 1e4  # ten extreme outliers
-    flagged = flag_rows(si, None, SelfcheckConfig(flag_threshold=3.0))
-    assert flagged[:10].all() and flagged[10:].sum() < 10  # ~1.3 expected from the clean lognormal rows
-    assert 10 < flag_rows(si, None, SelfcheckConfig()).sum() < 60  # the default 2.0 is a looser cut
-    assert flag_rows(si, None, SelfcheckConfig(flag_threshold=1e9)).sum() == 0
-    top = flag_rows(si, None, SelfcheckConfig(flag_fraction=0.05))
-    assert top.sum() == 50 and top[:10].all()
-    mismatch = np.zeros(1000, dtype=bool)
-    mismatch[:5] = True
-    both = flag_rows(si, mismatch, SelfcheckConfig(flag_requires_mismatch=True))
-    assert both.sum() == 5
-
-
-def test_robust_z_constant_input_flags_nothing():
-    assert (robust_z(np.ones(10)) == 0).all()

@@ -19,20 +19,34 @@ from ..errors import ConfigError
 from ..gradients import GradientSource
 from ..health import class_table, group_table
 from ..run import PhaseFn, Report, Run
-from ..scores import flag_rows, self_influence
+from ..scores import self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
 from ..solvers import Factored, RowScorer
+from ..suspicion import (
+    FLAG_METHOD,
+    FLAG_METHOD_REGRESSION,
+    NEWTON_MAX_CLASSES,
+    SUSPICION_METHOD,
+    SUSPICION_METHOD_FIRST_ORDER,
+    SUSPICION_METHOD_REGRESSION,
+    class_probs,
+    flag_errors,
+    flag_residuals,
+    label_margin,
+    suspicion,
+)
 from .images import suspect_sheets
 from .sweep import damping_sweep
 
-RANK_BY = ("self_influence", "loo_loss", "loss")
+RANK_BY = ("suspicion", "self_influence", "loo_loss", "loss")
 GALLERIES = ("sheet", "per-class", "none")
-NEWTON_LOO_MAX = (64, 50_000)  # Newton LOO needs C half-solves per row: only up to C outputs, p parameters
+NEWTON_LOO_MAX_P = 50_000  # the Newton pass holds (B, C, p) Jacobian blocks: beyond this, the first-order form
+MEMORIZED_LOSS = 0.02  # mean training loss below which a classifier has memorized its labels
 
 
 @dataclass(frozen=True)
 class SelfcheckOptions:
-    rank_by: str = "self_influence"
+    rank_by: str = "suspicion"
     damping_sweep: bool = False
     group_by: str | None = None
     gallery: str = "sheet"  # image data: suspects.png | per-class: one sheet per given label | none
@@ -53,7 +67,7 @@ def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Repor
         return run.finish_shard(rows["shards"] - rows["reused"], rows["reused"])
     tables, summary = score(run, options)
     if options.damping_sweep:
-        summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "selfcheck.csv",
+        summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options, full=False)[0], "selfcheck.csv",
                                                  "self_influence", descending=True)
     if options.gallery != "none" and run.cfg.task != "regression":
         with run.timer("gallery"):
@@ -63,8 +77,9 @@ def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Repor
     return run.finish(summary, tables, exact_check=True)
 
 
-def score(run: Run, options: SelfcheckOptions) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tables, summary) at the run's damping: fit (or reuse) the solver, then score every row."""
+def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tables, summary) at the run's damping: fit (or reuse) the solver, then score every row.
+    full=False (the damping sweep) skips the Newton leave-one-out pass and uses the first-order one."""
     solver = run.fit()
     problem, train, n = run.problem, run.train, run.train.n
     rows = _scored_rows(run)
@@ -75,27 +90,40 @@ def score(run: Run, options: SelfcheckOptions) -> tuple[dict[str, Any], dict[str
             value, grad_j = stored["value"], stored["grad"].to(run.device)
         else:
             value, grad_j = run.objective_at_checkpoint(float(rows["loss"].sum()), rows["grad_sum"])
-    with run.timer("loo_loss"):
-        newton = (options.rank_by == "loo_loss" and isinstance(solver, Factored)
-                  and _output_width(run) <= NEWTON_LOO_MAX[0] and problem.params.size <= NEWTON_LOO_MAX[1])
-        loo = (loo_loss(problem, solver, progress=run.phase("loo")).loo_loss if newton
-               else loo_loss_first_order(rows["loss"], rows["si"], n))
     pred, si, loss = rows["pred"], rows["si"], rows["loss"]
     classification = run.cfg.task != "regression"
-    mismatch = pred != train.labels.numpy().reshape(n) if classification else None
-    flagged = flag_rows(si, mismatch, run.cfg.selfcheck)
+    labels = train.labels.numpy().reshape(n).astype(np.int64) if classification else None
+    mismatch = pred != labels if classification else None
+    with run.timer("audit"):
+        audit = _audit(run, solver, rows, newton=full)
+    flagged = audit["flags"].flagged if run.cfg.selfcheck.flag_fraction is None else _top_fraction(
+        audit["suspicion"], run.cfg.selfcheck.flag_fraction)
+    if run.cfg.selfcheck.flag_requires_mismatch and mismatch is not None:
+        flagged = flagged & mismatch
     predicted = train.label_names(torch.from_numpy(pred)) if classification else pred
-    suggested = np.where(flagged, np.asarray(predicted, dtype=object), "") if classification else None
-    key = {"self_influence": si, "loo_loss": loo, "loss": loss}[options.rank_by]
+    suggested = None
+    if classification:
+        names = np.asarray(train.label_names(torch.from_numpy(audit["flags"].suggested.clip(min=0))), dtype=object)
+        suggested = np.where(flagged, names, "")
+    key = {"suspicion": audit["suspicion"], "self_influence": si, "loo_loss": audit["loo"], "loss": loss}[
+        options.rank_by]
     table = report.selfcheck_table(train.ids, train.label_names(train.labels), predicted, rows["prob"], loss, si,
-                                   flagged, suggested, train.extra, {"loss_rank": loss_rank(loss), "loo_loss": loo},
-                                   key)
+                                   flagged, suggested, train.extra,
+                                   {"loss_rank": loss_rank(loss), "loo_loss": audit["loo"]}, key,
+                                   suspicion=audit["suspicion"])
+    flags = audit["flags"]
     summary: dict[str, Any] = {
         "command": "selfcheck", "n": n, "parameters": problem.params.size, "solver": solver.name,
-        "rank_by": options.rank_by, "loo_loss_method": "newton" if newton else "first_order",
+        "rank_by": options.rank_by, "suspicion_method": audit["method"], "flag_method": audit["flag_method"],
+        "loo_loss_method": "newton" if audit["newton"] else "first_order",
         "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
+        "estimated_error_rate": flags.error_rate, "estimated_error_rate_ci90": list(flags.interval),
         "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
     }
+    if classification and float(loss.mean()) < MEMORIZED_LOSS:
+        run.warnings.append(f"the model fits its training labels almost exactly (mean loss {loss.mean():.2g}): what"
+                            " it memorized, one fit cannot see, so the flags undercount (benchmarks/label_errors.md);"
+                            " audit a model that cannot memorize (params: last_layer, more weight_decay) as well")
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
         if summary["train_accuracy"] < 0.5:
@@ -105,14 +133,60 @@ def score(run: Run, options: SelfcheckOptions) -> tuple[dict[str, Any], dict[str
     summary["cache"] = {"fit_reused": run.fit_reused, "shards": rows["shards"], "shards_reused": rows["reused"]}
     tables = {"selfcheck.csv": table}
     if classification:
-        tables["classes.csv"] = class_table(train.label_names(train.labels), flagged, suggested, None)
+        per_row = flags.class_error_rate[labels] if len(flags.class_error_rate) else None
+        tables["classes.csv"] = class_table(train.label_names(train.labels), flagged, suggested, per_row)
     groups = run.group_rows(options.group_by)
     if groups is not None:
         names = np.empty(n, dtype=object)
         for name, members in groups.items():
             names[members] = name
-        tables["selfcheck_groups.csv"] = group_table(names, flagged, si, None)
+        tables["selfcheck_groups.csv"] = group_table(names, flagged, audit["suspicion"], None)
     return tables, summary
+
+
+def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool) -> dict[str, Any]:
+    """Suspicion and flags (suspicion.py): from the Newton leave-one-out outputs when the solver is
+    factored and the output is at most NEWTON_MAX_CLASSES wide (about C self-influence passes), else
+    from the first-order leave-one-out loss and one forward pass."""
+    problem, n, task = run.problem, run.train.n, run.cfg.task
+    newton = (newton and isinstance(solver, Factored) and _output_width(run) <= NEWTON_MAX_CLASSES
+              and problem.params.size <= NEWTON_LOO_MAX_P)
+    if newton:
+        res = loo_loss(problem, solver, progress=run.phase("loo"))
+        loo, outputs = res.loo_loss, res.loo_outputs
+        method = SUSPICION_METHOD_REGRESSION if task == "regression" else SUSPICION_METHOD
+    else:
+        loo = loo_loss_first_order(rows["loss"], rows["si"], n)
+        outputs = None if task == "regression" else _train_outputs(run)
+        method = "rank_mean(loss,loo_loss_first_order)" if task == "regression" else SUSPICION_METHOD_FIRST_ORDER
+    if task == "regression":
+        return {"suspicion": suspicion(rows["loss"], loo), "loo": loo, "flags": flag_residuals(loo),
+                "method": method, "flag_method": FLAG_METHOD_REGRESSION, "newton": newton}
+    labels = run.train.labels.numpy().reshape(n).astype(np.int64)
+    probs = class_probs(outputs)
+    return {"suspicion": suspicion(rows["loss"], loo, label_margin(probs, labels)), "loo": loo,
+            "flags": flag_errors(labels, probs, seed=run.cfg.seed), "method": method,
+            "flag_method": FLAG_METHOD if newton else "confident_learning(train_probs)", "newton": newton}
+
+
+def _train_outputs(run: Run) -> np.ndarray:
+    """(n, C) model outputs on the training rows: one forward pass, no gradients."""
+    out = None
+    with torch.no_grad():
+        for idx, x, _ in run.stream(run.train):
+            o = run.problem.model(x.to(run.device)).double().cpu()
+            o = o.reshape(len(idx), -1)
+            out = np.zeros((run.train.n, o.shape[1])) if out is None else out
+            out[idx.numpy()] = o.numpy()
+    return out if out is not None else np.zeros((0, 1))
+
+
+def _top_fraction(values: np.ndarray, fraction: float) -> np.ndarray:
+    """selfcheck.flag_fraction: exactly the top ceil(fraction n) rows by `values`."""
+    count = int(np.ceil(fraction * len(values)))
+    flagged = np.zeros(len(values), dtype=bool)
+    flagged[report.order_desc(values)[:count]] = True
+    return flagged
 
 
 def _scored_rows(run: Run) -> dict[str, Any]:
