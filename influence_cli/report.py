@@ -270,23 +270,18 @@ def peak_memory() -> dict[str, int]:
 
 def jsonable(value: Any) -> Any:
     """A manifest or summary as plain JSON types: numpy numbers as Python numbers, paths as text,
-    non-finite floats as the strings "nan"/"inf"."""
+    non-finite floats (a correlation of constant values, an interval from too few rows) as null."""
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
     return value
-
-
-_jsonable = jsonable  # the old private name, still imported by cli.py
 
 
 def read_table(path: Path, what: str, required: Sequence[str], hint: str) -> pd.DataFrame:

@@ -534,3 +534,13 @@ def test_explain_is_rank_restricted_to_one_test_row(capsys, cfg, tmp_path):
         np.testing.assert_array_equal(mine.loss_change_if_removed.to_numpy(), ranked.loss_change_if_removed.to_numpy())
     code, _, err = run(capsys, "explain", "nope", "-c", cfg, "-o", str(tmp_path / "e"))
     assert code == 2 and "nope" in err
+
+
+def test_verify_with_too_few_rows_for_an_interval_says_so_and_writes_null(capsys, cfg, tmp_path):
+    code, out, err = run(capsys, "verify", "-c", cfg, "-o", str(tmp_path), "--samples", "2", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["pearson_ci95"] == [None, None] and "too few to bootstrap" in err
+    assert "nan" not in (tmp_path / "manifest.json").read_text().lower().replace("nanos", "")
+    code, out, _ = run(capsys, "verify", "-c", cfg, "-o", str(tmp_path), "--samples", "2")
+    assert "no 95% CI: too few rows" in out and "nan" not in out
