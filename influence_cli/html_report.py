@@ -237,7 +237,7 @@ def _distribution_png(values: np.ndarray, flagged: np.ndarray, key: str) -> byte
     ax = fig.add_subplot()
     if len(values):
         low, high = float(values.min()), float(values.max())
-        log = low > 0 and high / low > 100
+        log = key != "suspicion" and low > 0 and high / low > 100  # suspicion is a rank in (0, 1]
         bins = np.geomspace(low, high, 60) if log else np.linspace(low, high if high > low else low + 1, 60)
         ax.hist([values[~flagged], values[flagged]], bins=bins, stacked=True, color=["#8c96a3", "#d2372c"],
                 label=[f"not flagged ({int((~flagged).sum()):,})", f"flagged ({int(flagged.sum()):,})"])
