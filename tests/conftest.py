@@ -107,3 +107,13 @@ def trained_case(kind: str, n: int = 40, **kw) -> Case:
         p.requires_grad_(False)
     assert result.grad_norm < 1e-7, result.grad_norm
     return case
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """The CLI's entry point in process: (exit code, stdout, stderr)."""
+    from influence_cli import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err

@@ -11,19 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli as run
 
 from influence_cli import cli
 from influence_cli.commands import selfcheck as selfcheck_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SELFCHECK_HEADER = "rank,id,label,predicted,prob_label,loss,self_influence,suspicion,flagged,suggested_label"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(list(argv))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="session")

@@ -7,18 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli as run
 from PIL import Image
 
 from influence_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(list(argv))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

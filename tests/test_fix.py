@@ -8,17 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli as run
 
 from influence_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(list(argv))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

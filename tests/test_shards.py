@@ -6,17 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from influence_cli import cli
+from conftest import run_cli as run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(list(argv))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture()
