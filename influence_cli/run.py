@@ -278,9 +278,10 @@ class Run:
         return value, grad_sum.to(flat.device) / problem.n + problem.objective.weight_decay * flat
 
     def finish(self, summary: dict[str, Any], tables: dict[str, pd.DataFrame], *, exact_check: bool = False) -> Report:
-        """Add the trust figures, cache figures and manifest; warnings collected on the way."""
-        solver = self.fitted()
-        if exact_check:
+        """Add the trust figures, cache figures and manifest; warnings collected on the way. A command
+        that fits no solver (verify --fix) gets the manifest without the solver's description."""
+        solver = self.solver
+        if exact_check and solver is not None:
             with self.timer("exact_check"):
                 stored, _ = self.cache.cached(f"exact-check-{content_key(self.solver_key)}",
                                               lambda: {"check": exact_agreement(self, solver)})
@@ -288,7 +289,7 @@ class Run:
                 summary["exact_check"] = stored["check"]
         cache = self.cache
         summary["cache"] = {**summary.get("cache", {}), **cache.summary(), "pruned": cache.prune()}
-        described = solver.describe()
+        described = solver.describe() if solver is not None else {}
         warnings = list(described.pop("warnings", [])) + cache.stats.warnings + self.warnings
         if cache.stats.corrupt:
             warnings.append(f"cache: {len(cache.stats.corrupt)} corrupt entries were ignored and recomputed"

@@ -66,14 +66,7 @@ def fix_check(run: Run, options: FixCheckOptions) -> Report:
     if not (reference.converged and fixed.converged):
         run.warnings.append("a retrain stopped above train.tol: the before/after difference includes that error;"
                             " raise train.epochs")
-    return _finish(run, summary, {"fix_verify.csv": table})
-
-
-def _finish(run: Run, summary: dict[str, Any], tables: dict[str, pd.DataFrame]) -> Report:
-    manifest = {"command": "verify", "config": run.cfg.to_dict(), "checkpoint_sha256": run.checkpoint_sha256,
-                "n": run.train.n, "phases_seconds": run.timer.phases, "summary": summary, "warnings": run.warnings}
-    summary["phases_seconds"] = run.timer.phases
-    return Report(tables, summary, manifest, list(run.warnings))
+    return run.finish(summary, {"fix_verify.csv": table})
 
 
 class _Recorder:
