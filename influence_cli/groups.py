@@ -43,13 +43,15 @@ from torch.func import functional_call, jvp, vmap
 
 from .errors import ConfigError
 from .gradients import BLOCK_BYTES, GradientSource
+from .group_newton import removal_steps
 from .objective import Objective, Problem
 from .scores import loss_change_if_removed
 from .solvers import Solver
 
 Progress = Callable[[int, int], None]
 Loader = Iterable[tuple[Tensor, Tensor, Tensor]]
-COLUMNS = ["group", "size", "loss_change_if_removed", "loss_change_if_removed_2nd"]
+COLUMNS = ["group", "size", "loss_change_if_removed", "loss_change_if_removed_1st", "loss_change_if_removed_2nd",
+           "curvature_share", "trusted"]
 
 
 class GradBlock(Protocol):
@@ -61,14 +63,18 @@ def group_effects(problem: Problem, solver: Solver, test_ihvp_mean: Tensor, grou
                   train_grads_fn: Callable[[], Iterable[GradBlock]], *,
                   test_hvp: Callable[[Tensor], Tensor] | None = None, second_order: bool = True,
                   progress: Progress | None = None) -> pd.DataFrame:
-    """One row per group: group, size, loss_change_if_removed (first-order sum),
-    loss_change_if_removed_2nd (see the module docstring; NaN when second_order is False), sorted
-    ascending by the first (most harmful first, ties in the given order).
+    """One row per group, sorted ascending by the best estimate (most harmful first, ties in the given order):
+    group, size, loss_change_if_removed (the Newton step of removing the group, group_newton.py, plus the test
+    loss's curvature along it), loss_change_if_removed_1st (the first-order sum of the rows' effects),
+    loss_change_if_removed_2nd (the second-order expansion, see the module docstring) and curvature_share
+    (how much of the curvature along its step the group holds) and trusted (False where the estimate had not
+    converged: `untrusted_groups`). With second_order False only the first order is computed
+    (and is the best estimate); the other columns are NaN.
 
     test_ihvp_mean: a = H^-1 gbar, (p,) or (1, p). groups: name -> row indices (disjoint).
     train_grads_fn(): a fresh stream of blocks of per-example training gradients (GradientSource.
     per_example). test_hvp: V (k, p) -> H_t V for the mean test loss (`mean_loss_hvp`); without it
-    the test-curvature term is left out. progress(done, total) counts the passes (up to 4)."""
+    the test-curvature terms are left out. progress(done, total) counts the passes (up to 5)."""
     n, p = problem.n, problem.params.size
     a = test_ihvp_mean.reshape(-1).to(torch.float64)
     if a.numel() != p:
@@ -76,7 +82,7 @@ def group_effects(problem: Problem, solver: Solver, test_ihvp_mean: Tensor, grou
     names = list(groups)
     member = _membership(groups, names, n)
     count = len(names)
-    total = 4 if second_order else 1
+    total = 5 if second_order else 1
     effects = np.zeros(n)
     sums = torch.zeros(count + 1, p, dtype=torch.float64, device=a.device)  # last slot: rows in no group
     for block in train_grads_fn():
@@ -87,20 +93,47 @@ def group_effects(problem: Problem, solver: Solver, test_ihvp_mean: Tensor, grou
         sums.index_add_(0, slot, grads)
     _tick(progress, 1, total)
     first = np.array([effects[np.asarray(groups[g], dtype=np.int64)].sum() for g in names])
-    second = np.full(count, np.nan)
+    second, newton, share = np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.nan)
+    trusted = np.full(count, None, dtype=object)
     if second_order and count:
-        d = solver.ihvp(sums[:count]).to(torch.float64) / n  # (G, p): theta' of each group
+        b = sums[:count] / n
+        d = solver.ihvp(b).to(torch.float64)  # (G, p): theta' of each group, the first-order step
         interaction = _group_bilinear(problem, member, a, d) / n
         _tick(progress, 2, total)
         third = _third_derivative(problem, a, d)
         _tick(progress, 3, total)
-        curvature = (d * test_hvp(d).to(torch.float64)).sum(1) if test_hvp is not None else torch.zeros(count)
+        steps = removal_steps(problem, solver, member.to(d.device), a, b, d)
         _tick(progress, 4, total)
-        second = first + (interaction - 0.5 * third + 0.5 * curvature.to(interaction.device)).cpu().numpy()
-    frame = pd.DataFrame({"group": names, "size": [len(groups[g]) for g in names],
-                          "loss_change_if_removed": first, "loss_change_if_removed_2nd": second}, columns=COLUMNS)
-    order = np.lexsort((np.arange(count), first))
+        both = torch.cat([d, steps.steps]) if test_hvp is not None else None
+        curved = (both * test_hvp(both).to(torch.float64)).sum(1).cpu() if both is not None else torch.zeros(2 * count)
+        _tick(progress, 5, total)
+        second = first + (interaction - 0.5 * third).cpu().numpy() + 0.5 * curved[:count].numpy()
+        newton = steps.change.cpu().numpy() + 0.5 * curved[count:].numpy()
+        share = steps.curvature_share.cpu().numpy()
+        trusted = ~steps.untrusted().cpu().numpy()
+    best = newton if second_order and count else first
+    frame = pd.DataFrame({"group": names, "size": [len(groups[g]) for g in names], "loss_change_if_removed": best,
+                          "loss_change_if_removed_1st": first, "loss_change_if_removed_2nd": second,
+                          "curvature_share": share, "trusted": trusted}, columns=COLUMNS)
+    order = np.lexsort((np.arange(count), best))
     return frame.iloc[order].reset_index(drop=True)
+
+
+def untrusted_groups(frame: pd.DataFrame) -> list[str]:
+    """The groups of a `group_effects` table whose estimate is not to be trusted (`trusted` False: the
+    solve fell short, or its chord correction was large, group_newton.py)."""
+    return [str(g) for g, t in zip(frame["group"], frame["trusted"], strict=True) if t is not None and not bool(t)]
+
+
+def group_warning(frame: pd.DataFrame) -> str | None:
+    """One warning line naming the untrusted groups, or None."""
+    bad = untrusted_groups(frame)
+    if not bad:
+        return None
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (f"groups.csv: the estimate for {len(bad)} group(s) ({shown}) had not converged (their removal moves the"
+            " model far from the checkpoint, where the objective is not quadratic): measure them with"
+            " `infl verify --groups`")
 
 
 def mean_loss_hvp(problem: Problem, loader: Loader, count: int) -> Callable[[Tensor], Tensor]:
