@@ -1,14 +1,21 @@
 """`infl rank`: the influence of every training row on selected test rows and on their mean loss.
 
-Test gradients are solved once (H^-1 g_t, in blocks that fit the memory budget) and the many
-training gradients are streamed against them in resumable shards, keeping a running top-K per test
-row. Optional: groups.csv (first- and second-order group effects) and FastIF's kNN narrowing.
+Test gradients are solved once (H^-1 g_t, a chunk of rows per solver call) and held in the run's
+dtype (float32 by default: T x p x 4 bytes, up to HELD_BYTES per streamed pass); the many training
+gradients are streamed against them in resumable shards, keeping a running top-K per test row. The
+training gradients come from layer factors where the model allows (factored.py: one forward and one
+backward per batch, no per-row vmap), so scoring costs about the (T, p) x (p, B) matmul; the mean
+test row (overall.csv, grad J) is scored in float64. Optional: groups.csv (first- and second-order
+group effects) and FastIF's kNN narrowing. INFL_RANK_SCORING=legacy (benchmarks and equality tests
+only) forces the previous path: vmap per-example gradients against float64 solves in blocks of
+BLOCK_BYTES / (8 p) test rows, one streamed pass per block.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +29,7 @@ from .. import report
 from ..cache import content_key
 from ..data import Split
 from ..errors import ConfigError
+from ..factored import FactoredGradients
 from ..gradients import BLOCK_BYTES, GradientSource
 from ..groups import group_effects, mean_loss_hvp
 from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
@@ -30,6 +38,9 @@ from ..scores import loss_change_if_removed
 from .sweep import damping_sweep
 
 TopK = tuple[Tensor, Tensor]  # (values (T, k) float64, training rows (T, k) int64)
+SCORING_ENV = "INFL_RANK_SCORING"  # "legacy": the previous scoring path (benchmarks, equality tests)
+SOLVE_BYTES = BLOCK_BYTES // 8  # one solver call on (rows, p) float64 of this size (a solver holds a few copies)
+HELD_BYTES = BLOCK_BYTES  # the test-side solves held during one streamed pass, in the run's dtype
 
 
 @dataclass(frozen=True)
@@ -57,13 +68,38 @@ def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
     if run.job is not None:
         run.fit()
         test = _test_gradients(run, run.test_rows(options.test_ids))
-        scored = _score_all(run, test, min(options.top, run.train.n))
+        scored = _score_all(run, test, min(options.top, run.train.n), _scoring(run))
         return run.finish_shard(scored["shards"] - scored["reused"], scored["reused"])
     tables, summary = score(run, options)
     if options.damping_sweep:
         summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "overall.csv",
                                                  "loss_change_if_removed", descending=False)
     return run.finish(summary, tables, exact_check=True)
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """How the training rows are streamed: their gradient source (factored or per-example autograd), the dtype
+    the test-side solves are held in, test rows per streamed pass, and what the summary says about it."""
+
+    source: Any
+    dtype: torch.dtype
+    per_block: int
+    legacy: bool
+    info: dict[str, Any]
+
+
+def _scoring(run: Run) -> _Scoring:
+    p = run.problem.params.size
+    if os.environ.get(SCORING_ENV) == "legacy":
+        return _Scoring(GradientSource(run.problem), torch.float64, max(1, BLOCK_BYTES // (8 * p)), True,
+                        {"gradients": "per_example", "solves_dtype": "float64", "legacy": True})
+    factored, why = FactoredGradients.plan(run.problem)
+    info = factored.describe() if factored is not None else {"gradients": "per_example", "reason": why}
+    per_block = max(1, HELD_BYTES // (run.dtype.itemsize * p))
+    info.update(solves_dtype=str(run.dtype).removeprefix("torch."), test_rows_per_pass=per_block)
+    return _Scoring(factored if factored is not None else GradientSource(run.problem), run.dtype, per_block, False,
+                    info)
 
 
 @dataclass
@@ -89,7 +125,9 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
         with run.timer("knn"):
             found = knn_neighbors(run.problem, train, test.loader, test.rows, options.knn, options.knn_metric)
     with run.timer("score"):
-        scored = _score_knn(run, test, k, found) if found is not None else _score_all(run, test, k)
+        scoring = _scoring(run)
+        scored = (_score_knn(run, test, k, found, scoring) if found is not None
+                  else _score_all(run, test, k, scoring))
     helpful, harmful, overall, mean_ihvp = scored["helpful"], scored["harmful"], scored["overall"], scored["mean_ihvp"]
     with run.timer("checkpoint_gradient"):
         if found is None:  # J and grad J from the first pass over every row
@@ -122,16 +160,17 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
     }
     if found is not None:
         summary["knn"] = _knn_summary(options, found, scored["scored_rows"], n)
+    summary["scoring"] = scoring.info
     summary["cache"] = {"fit_reused": run.fit_reused, "shards": scored["shards"], "shards_reused": scored["reused"]}
     return tables, summary
 
 
 def _test_gradients(run: Run, rows: list[int]) -> _Test:
-    """One pass over the selected test rows: their mean gradient and loss, and every gradient when
-    the (T, p) block fits the memory budget."""
+    """One pass over the selected test rows: their mean gradient and loss, and every gradient (in the
+    run's dtype) when the (T, p) block fits the memory budget."""
     p = run.problem.params.size
     loader = run.stream(run.test, rows)  # type: ignore[arg-type]
-    keep_all = len(rows) * p * 8 <= BLOCK_BYTES
+    keep_all = len(rows) * p * run.dtype.itemsize <= BLOCK_BYTES
     kept: dict[int, Tensor] = {}
     total = torch.zeros(p, dtype=torch.float64, device=run.device)
     loss = 0.0
@@ -140,7 +179,7 @@ def _test_gradients(run: Run, rows: list[int]) -> _Test:
             total += block.grads.double().sum(0)
             loss += float(block.losses.double().sum())
             if keep_all:
-                kept.update(zip(block.idx.tolist(), block.grads.double(), strict=True))
+                kept.update(zip(block.idx.tolist(), block.grads, strict=True))
     return _Test(rows, loader, total / len(rows), loss, kept if keep_all else None)
 
 
@@ -148,7 +187,7 @@ def _block_ihvp(run: Run, test: _Test, block_rows: list[int], with_mean: bool) -
     """H^-1 of the test gradients of `block_rows` (kept, else recomputed), with the mean test
     gradient appended as the last row when `with_mean`."""
     if test.kept is not None:
-        grads = torch.stack([test.kept[r] for r in block_rows])
+        grads = torch.stack([test.kept[r] for r in block_rows]).double()
     else:
         sub = run.stream(run.test, block_rows)  # type: ignore[arg-type]
         got = {r: g for b in GradientSource(run.problem).per_example(sub, run.test.ids)  # type: ignore[union-attr]
@@ -162,23 +201,23 @@ def _empty_top(count: int, k: int) -> tuple[TopK, TopK]:
             (torch.full((count, k), math.inf, dtype=torch.float64), torch.zeros((count, k), dtype=torch.long)))
 
 
-def _score_all(run: Run, test: _Test, k: int) -> dict[str, Any]:
-    """Every training row against every selected test row, test rows in blocks that fit the budget;
-    the first block also carries the mean test gradient (overall.csv, groups, grad J)."""
+def _score_all(run: Run, test: _Test, k: int, scoring: _Scoring) -> dict[str, Any]:
+    """Every training row against every selected test row, test rows in blocks of `scoring.per_block` (one
+    streamed pass each); the first block also carries the mean test gradient (overall.csv, groups, grad J)."""
     n, p, t_count = run.train.n, run.problem.params.size, len(test.rows)
     helpful, harmful = _empty_top(t_count, k)
     out: dict[str, Any] = {"overall": np.zeros(n), "grad_sum": torch.zeros(p, dtype=torch.float64), "loss_sum": 0.0,
                            "shards": 0, "reused": 0, "mean_ihvp": None}
-    per_block = max(1, BLOCK_BYTES // (8 * p))
-    for start in range(0, t_count, per_block):
-        block_rows = test.rows[start : start + per_block]
+    for start in range(0, t_count, scoring.per_block):
+        block_rows = test.rows[start : start + scoring.per_block]
         first, lo, hi = start == 0, start, start + len(block_rows)
-        solve = functools.cache(functools.partial(_block_ihvp, run, test, block_rows, first))  # once, if needed
+        solve = functools.cache(functools.partial(_held_solves, run, test, block_rows, first, scoring))  # once, if needed
         if first:
-            out["mean_ihvp"] = lambda solve=solve: solve()[-1]  # solved only if asked (groups)
+            out["mean_ihvp"] = lambda solve=solve: solve()[1]  # solved only if asked (groups)
         key = {"test": run.test.fingerprint, "rows": content_key({"rows": test.rows}), "top": k,  # type: ignore[union-attr]
-               "per_block": per_block, "start": start}
-        compute = functools.partial(_score_shard, run, solve, first, hi - lo, k)
+               "per_block": scoring.per_block, "start": start,
+               "scoring": "legacy" if scoring.legacy else [scoring.info["gradients"], scoring.info["solves_dtype"]]}
+        compute = functools.partial(_score_shard, run, scoring.source, solve, first, hi - lo, k)
         for shard, part, reused in run.shards("rank", key, compute):
             if first:
                 out["overall"][shard.start : shard.stop] = part["overall"].numpy()
@@ -191,7 +230,31 @@ def _score_all(run: Run, test: _Test, k: int) -> dict[str, Any]:
     return {**out, "helpful": helpful, "harmful": harmful}
 
 
-def _score_knn(run: Run, test: _Test, k: int, found: Neighbors) -> dict[str, Any]:
+def _held_solves(run: Run, test: _Test, block_rows: list[int], with_mean: bool, scoring: _Scoring
+                 ) -> tuple[Tensor, Tensor | None]:
+    """(H^-1 g_t for `block_rows` (T_b, p) in `scoring.dtype`, H^-1 of the mean test gradient (p,) float64 when
+    `with_mean`), on the run's device. Legacy: one solver call for the block; else calls on chunks of
+    SOLVE_BYTES / (8 p) rows, each cast to the held dtype as it comes (peak: the held solves plus one call)."""
+    if scoring.legacy:
+        ihvp = _block_ihvp(run, test, block_rows, with_mean)
+        return (ihvp[:-1], ihvp[-1]) if with_mean else (ihvp, None)
+    p = run.problem.params.size
+    step = max(1, SOLVE_BYTES // (8 * p))
+    held = torch.empty(len(block_rows), p, dtype=scoring.dtype, device=run.device)
+    mean = None
+    for s in range(0, len(block_rows), step):
+        part = block_rows[s : s + step]
+        solved = _block_ihvp(run, test, part, with_mean and s == 0).to(run.device)
+        if with_mean and s == 0:
+            mean, solved = solved[-1].double(), solved[:-1]
+        held[s : s + len(part)] = solved.to(scoring.dtype)
+        del solved
+    if block_rows[-1] == test.rows[-1]:  # every block solved: the kept test gradients are not needed again
+        test.kept = None
+    return held, mean
+
+
+def _score_knn(run: Run, test: _Test, k: int, found: Neighbors, scoring: _Scoring) -> dict[str, Any]:
     """FastIF: each test row ranks only its own nearest training rows (candidates streamed once per
     block of test rows, no shards); the first block also carries the mean test gradient."""
     n, t_count, p = run.train.n, len(test.rows), run.problem.params.size
@@ -204,7 +267,7 @@ def _score_knn(run: Run, test: _Test, k: int, found: Neighbors) -> dict[str, Any
         block_rows = test.rows[lo : lo + per_block]
         hi, first = lo + len(block_rows), lo == 0
         ihvp = _block_ihvp(run, test, block_rows, first)
-        for b in GradientSource(run.problem).per_example(stream, run.train.ids, run.phase("score"), len(candidates)):
+        for b in scoring.source.per_example(stream, run.train.ids, run.phase("score"), len(candidates)):
             scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
             if first:
                 overall[b.idx.numpy()] = scores[-1].numpy()
@@ -224,22 +287,23 @@ def _knn_summary(options: RankOptions, found: Neighbors, scored: int, n: int) ->
             "layers": list(found.layers), "layers_skipped": list(found.layers_skipped)}
 
 
-def _score_shard(run: Run, solve: Any, first: bool, count: int, k: int, rows: range,
+def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: int, rows: range,
                  tick: PhaseFn | None) -> dict[str, Any]:
-    """One shard of training rows against one block of `count` test rows: each test row's own top k
-    both ways (merged across shards in order), and, for the first block, the rows' effect on the
-    mean test loss with their part of grad J."""
-    n, ihvp = run.train.n, solve()
+    """One shard of training rows (gradients from `source`) against one block of `count` test rows (their
+    held solves): each test row's own top k both ways (merged across shards in order), and, for the first
+    block, the rows' effect on the mean test loss (float64) with their part of grad J."""
+    n, (held, mean) = run.train.n, solve()
     helpful, harmful = _empty_top(count, k)
     overall = torch.zeros(len(rows), dtype=torch.float64)
     grad_sum, loss_sum = torch.zeros(run.problem.params.size, dtype=torch.float64), 0.0
-    for b in GradientSource(run.problem).per_example(run.stream(run.train, rows), run.train.ids, tick, n):
-        scores = loss_change_if_removed(ihvp, b.grads, n).cpu()
+    for b in source.per_example(run.stream(run.train, rows), run.train.ids, tick, n):
+        scores = loss_change_if_removed(held, b.grads, n).cpu()
         if first:
-            overall[b.idx - rows.start] = scores[-1]
-            grad_sum += b.grads.double().sum(0).cpu()
+            g64 = b.grads.double()
+            overall[b.idx - rows.start] = loss_change_if_removed(mean[None], g64, n)[0].cpu()
+            grad_sum += g64.sum(0).cpu()
             loss_sum += float(b.losses.double().sum())
-            scores = scores[:-1]
+            del g64
         merge_top(helpful, 0, count, scores, b.idx, largest=True)
         merge_top(harmful, 0, count, scores, b.idx, largest=False)
     return {"overall": overall if first else None, "grad_sum": grad_sum if first else None, "loss_sum": loss_sum,

@@ -1,0 +1,224 @@
+"""Per-example gradients from layer factors: one forward and one backward per batch instead of a per-row vmap.
+
+A Linear layer's per-example gradient is G_i = sum_t r_it a_it^T (out, in'): a_it its input at position t (one
+position on 2-D input, a sequence position, or for Conv2d an unfolded patch) with a 1 appended when the bias is
+selected (homogeneous coordinates), r_it the gradient of row i's loss at the layer's output there. One forward with
+hooks (layers.capture) and ONE backward of the batch's summed loss give every r_it exactly, because the rows of a
+forward pass are independent (the model is in eval mode: BatchNorm reads its running statistics):
+d(sum_j L_j) / d out_i = d L_i / d out_i. G is then one batched matmul (B, out, T) x (B, T, in') per layer, against
+GradientSource's vmap of a whole forward and backward per row. This is the factored structure EK-FAC's
+self-influence uses (solvers/ekfac_layers.py); `rank` streams these gradients against its test-side solves, so the
+cost of scoring is the (T, p) x (p, B) matmul itself.
+
+Selected parameters outside such layers (LayerNorm, embeddings, a bare tensor, grouped convolutions, a layer called
+more than once per forward, a weight shared with another module) get their per-example gradients from
+gradients.GradientSource over just those parameters. `FactoredGradients.plan` checks the assembled gradients
+against GradientSource's on the first rows of the first batch and declines (callers use GradientSource) when they
+differ: a model that mixes rows in a forward pass (BatchNorm in train mode, a batch mean), a weight also used outside
+its layer (F.linear on it), or anything else the factorization misses.
+
+`ekfac_scored_rows` is EK-FAC's self-influence pass (the quadratic form of ekfac_layers, as the solver's own
+`self_influence_blocks`) that also sums the batch's gradient (sum_i G_i = R^T A per layer), so selfcheck gets the
+objective's gradient at the checkpoint from the pass it makes anyway.
+Memory: a chunk's (B, p) gradients, B = GradientSource.rows_per_block (the gradient memory budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DataError
+from .gradients import Block, GradientSource, Progress
+from .layers import Captured, capture
+from .objective import ParamSpace, Problem
+from .solvers.ekfac_layers import Layer, chunks, find_layers, quadratic_form
+from .solvers.ekfac_layers import capture as ekfac_capture
+from .solvers.ekfac_layers import plan as ekfac_plan
+
+Batches = Iterable[tuple[Tensor, Tensor, Tensor]]
+CHECK_ROWS = 4  # rows of the first batch whose factored gradients are checked against GradientSource's
+CHECK_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}  # max over rows of ||G - G_vmap|| / ||G_vmap||
+
+
+@dataclass(frozen=True)
+class FactoredGradients:
+    """Per-example gradients of the selected parameters: `layers` from their factors, `rest` (the others, or
+    None) from GradientSource on those parameters alone. Build with `plan`."""
+
+    problem: Problem
+    layers: tuple[Layer, ...]
+    rest: ParamSpace | None
+
+    @classmethod
+    def plan(cls, problem: Problem) -> tuple[FactoredGradients | None, str]:
+        """(source, why): the factored source, or None with the reason when no selected parameter sits in a
+        Linear / Conv2d layer or its gradients do not match GradientSource's on the first rows."""
+        layers, rest_names = _sites(problem)
+        if not layers:
+            return None, "no selected parameter belongs to a Linear or Conv2d layer"
+        first = next(iter(problem.train_loader), None)
+        if first is None:
+            return None, "no training rows"
+        idx, x, y = (t[:CHECK_ROWS] for t in first)
+        with capture({layer.path: layer.module for layer in layers}) as seen:
+            with torch.no_grad():
+                problem.model(x.to(problem.device))
+            calls = {layer.path: len(seen.calls[layer.path]) for layer in layers}
+        once = [layer for layer in layers if calls[layer.path] == 1]
+        rest_names += [n for layer in layers if calls[layer.path] != 1 for n in (layer.weight, layer.bias) if n]
+        if not once:
+            return None, "no selected Linear/Conv2d layer runs exactly once per forward pass"
+        shapes = dict(zip(problem.params.names, problem.params.shapes, strict=True))
+        order = [n for n in problem.params.names if n in set(rest_names)]
+        rest = ParamSpace(tuple(order), tuple(shapes[n] for n in order)) if order else None
+        source = cls(problem, tuple(once), rest)
+        got = next(source.per_example([(idx, x, y)])).grads
+        ref = torch.cat([b.grads for b in GradientSource(problem).per_example([(idx, x, y)])])
+        diff = (got.double() - ref.double()).norm(dim=1) / ref.double().norm(dim=1).clamp_min(1e-300)
+        err = float(diff.max())
+        if not err <= CHECK_TOL.get(ref.dtype, CHECK_TOL[torch.float32]):
+            return None, (f"the layer-factored gradients differ from per-example autograd on the first rows"
+                          f" (relative error {err:.2g}): the model mixes rows or uses a weight outside its layer")
+        return source, "factored"
+
+    def describe(self) -> dict[str, Any]:
+        return {"gradients": "factored", "layers": [layer.path or "model" for layer in self.layers],
+                "per_example_params": list(self.rest.names) if self.rest is not None else []}
+
+    def per_example(self, loader: Batches, ids: Sequence[str] | None = None, progress: Progress | None = None,
+                    total: int | None = None) -> Iterator[Block]:
+        """Blocks of per-example gradients (B, p) in the ParamSpace layout, losses, outputs and targets, in loader
+        order, as GradientSource.per_example gives them. DataError naming the rows on a NaN/inf loss or gradient."""
+        problem, layers = self.problem, list(self.layers)
+        device, obj = problem.device, problem.objective
+        shapes = dict(zip(problem.params.names, problem.params.shapes, strict=True))
+        step = GradientSource(problem).rows_per_block()
+        rest = GradientSource(replace(problem, params=self.rest)) if self.rest is not None else None
+        done = 0
+        for idx, x, y in chunks(loader, step):
+            x, y = x.to(device), y.to(device)
+            tensors: dict[str, Tensor] = {}
+            with capture({layer.path: layer.module for layer in layers}) as records, torch.enable_grad():
+                out = problem.model(x)
+                losses = obj.per_example_loss(out, y)
+                outs = [records.single(layer.path).output for layer in layers]
+                grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+                for layer, g in zip(layers, grads, strict=True):
+                    tensors.update(layer.scatter(_layer_grads(layer, records, g), shapes))
+            if rest is not None:  # outside the hooks (vmap); GradientSource may cut the chunk into several blocks
+                rest_grads = torch.cat([b.grads for b in rest.per_example([(idx, x, y)], ids)])
+                tensors.update(rest.problem.params.unflatten(rest_grads))
+            block = Block(idx, problem.params.flatten(tensors, batched=True), losses.detach(), out.detach(), y)
+            _check_finite(block, ids)
+            yield block
+            done += len(idx)
+            if progress is not None:
+                progress(done, total or done)
+
+
+def _sites(problem: Problem) -> tuple[list[Layer], list[str]]:
+    """(factored layers, names of the other selected parameters): Linear and Conv2d (groups 1) layers whose
+    selected weight / bias no other module also holds."""
+    model = problem.model
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for _, param in module.named_parameters(recurse=False):
+            holders[id(param)] = holders.get(id(param), 0) + 1
+    found: dict[str, Layer] = {}
+    rest: list[str] = []
+    for name in problem.params.names:
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        param = getattr(module, attr, None)
+        ok = (isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias")
+              and getattr(module, "groups", 1) == 1 and isinstance(param, nn.Parameter)
+              and holders.get(id(param)) == 1)
+        if not ok:
+            rest.append(name)
+            continue
+        layer = found.setdefault(path, Layer(path, module, None, None))
+        setattr(layer, attr, name)
+    return list(found.values()), rest
+
+
+def _layer_grads(layer: Layer, records: Captured, g: Tensor | None) -> Tensor:
+    """Per-row gradients (B, out, in') of one layer: sum_t r_t a_t^T from its recorded input and output gradient."""
+    a = layer.features(records.single(layer.path).input)  # (B, T, in')
+    if g is None:  # the layer does not reach the loss
+        return a.new_zeros(a.shape[0], layer.shape()[0], a.shape[2])
+    r = layer.out_grads(g).to(a.dtype)  # (B, T, out)
+    if a.shape[1] == 1:
+        return r[:, 0, :, None] * a[:, 0, None, :]
+    return r.transpose(1, 2) @ a
+
+
+def _check_finite(block: Block, ids: Sequence[str] | None) -> None:
+    bad = ~torch.isfinite(block.losses) | ~torch.isfinite(block.grads).all(dim=1)
+    if bool(bad.any()):
+        rows = block.idx[bad.cpu()].tolist()[:5]
+        names = [ids[r] if ids is not None else str(r) for r in rows]
+        raise DataError(f"loss or gradient is NaN/inf for rows with id {', '.join(names)}",
+                        hint="check those rows' features and labels, and that the checkpoint is not diverged")
+
+
+# ---- EK-FAC self-influence with the objective's gradient ---------------------------------------------------------
+@dataclass(frozen=True)
+class ScoredRows:
+    """Self-influence of rows `idx` (B,) under the fitted EK-FAC factors, their losses, outputs and targets, and
+    the gradient of the rows' summed loss in the selected parameters (p,) float64."""
+
+    idx: Tensor
+    self_influence: Tensor
+    losses: Tensor
+    outputs: Tensor
+    targets: Tensor
+    grad_sum: Tensor
+
+
+def ekfac_scored_rows(problem: Problem, state: dict[str, Any], loader: Batches, progress: Progress | None = None,
+                      total: int | None = None, ids: Sequence[str] | None = None) -> Iterator[ScoredRows]:
+    """g_i^T H_ekfac^-1 g_i of every row of `loader` from the factors in an EK-FAC `state()` (the solver's own
+    `self_influence_blocks` computation, chunk for chunk), with each chunk's summed gradient sum_i G_i = R^T A
+    per layer: one forward and one backward per chunk, no p-sized per-example gradient."""
+    layers = find_layers(problem)
+    for layer in layers:
+        for key in ("u_a", "u_s", "diag"):
+            setattr(layer, key, state["layers"][layer.path][key].to(problem.device))
+    shapes = dict(zip(problem.params.names, problem.params.shapes, strict=True))
+    first = next(iter(loader), None)
+    if first is None:
+        return
+    obj, done = problem.objective, 0
+    with torch.enable_grad(), ekfac_capture(layers) as records:
+        _, rows = ekfac_plan(problem, layers, records, first[1][:1].to(problem.device), None)
+        for idx, x, y in chunks(loader, rows):
+            x, y = x.to(problem.device), y.to(problem.device)
+            records.clear()
+            out = problem.model(x)
+            losses = obj.per_example_loss(out, y)
+            if not bool(torch.isfinite(losses).all()):
+                bad = idx[~torch.isfinite(losses).cpu()].tolist()[:5]
+                names = ", ".join(ids[r] if ids is not None else str(r) for r in bad)
+                raise DataError(f"loss is NaN/inf for rows with id {names}",
+                                hint="check those rows' features and labels, and that the checkpoint is not diverged")
+            grads = torch.autograd.grad(losses.sum(), [records.single(layer.path).output for layer in layers],
+                                        allow_unused=True)
+            si = torch.zeros(len(x), dtype=torch.float64, device=problem.device)
+            summed: dict[str, Tensor] = {}
+            for layer, g in zip(layers, grads, strict=True):
+                a = layer.features(records.single(layer.path).input)
+                gs = layer.out_grads(g) if g is not None else a.new_zeros(*a.shape[:2], layer.shape()[0])
+                si += quadratic_form(layer, a, gs)
+                total_g = gs.reshape(-1, gs.shape[-1]).double().T @ a.reshape(-1, a.shape[-1]).double()
+                summed.update(layer.scatter(total_g[None], shapes))
+            records.clear()
+            grad_sum = problem.params.flatten({k: v[0] for k, v in summed.items()})
+            yield ScoredRows(idx, si, losses.detach(), out.detach(), y, grad_sum)
+            done += len(x)
+            if progress is not None:
+                progress(done, total or done)
