@@ -28,8 +28,9 @@ instead. c is clamped to [1e-10 max|theta|, min |theta|]; negative Ritz values (
 absolute value, as direct does. With rank + oversample >= p the start block is the identity and all p
 eigenpairs are kept: one pass of p HVPs, exact (rank is reported as p).
 
-Refinement (`refine` = r > 0, the default 2; `ihvp` only): r steps of conjugate gradients on exact full-data
-HVPs preconditioned by that approximation (refine.py; r + 1 HVP passes per call, all columns in each). The
+Refinement (`refine` = r > 0; `ihvp` only): r steps of conjugate gradients on full-data HVPs of A = H + damping
+I, preconditioned by that approximation (refine.py; r + 1 HVP passes per call, all columns in each; per solve the
+answer of smallest residual, and the unrefined one where A shows non-positive curvature). The
 low-rank-plus-complement inverse is a deflation preconditioner: CG has only the spread of the spectrum
 outside the top space left to resolve. With complement: none the preconditioner still uses c = the smallest
 kept Ritz value (a truncated inverse is singular, and CG preconditioned by it never leaves the top space).

@@ -8,6 +8,8 @@ Self-influence is ||L^-1 g||^2 (a triangular solve per batch of rows, no per-row
 H^-1 v = cholesky_solve. If H is not positive definite (a non-convex model, little damping), it is
 eigendecomposed instead: negative eigenvalues are replaced by their absolute value (the saddle-free
 convention) and tiny ones raised to a floor of 1e-10 * max |eigenvalue|; both counts are reported.
+That is the matrix every solver inverts (README "Solvers", tests/test_same_matrix.py): A^-1, A = H + damping I,
+when A is positive definite, else |A|^-1 (cg by Lanczos, arnoldi by its Ritz values' absolute values).
 A Hessian with NaN/inf entries (a diverged checkpoint), or one whose factorization fails or overflows, is a
 DataError naming the parameters, not a torch error.
 """

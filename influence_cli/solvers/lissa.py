@@ -22,6 +22,10 @@ minibatches not probed. Divergence (NaN/inf, or ||h_j|| above DIVERGENCE_MARGIN 
 scale ||v|| / (damping + weight_decay) that a converging recursion with a convex loss never exceeds)
 raises DataError.
 
+The matrix (the one every solver inverts, README "Solvers"): A^-1 with A positive definite. The recursion
+has no saddle-free form: on an indefinite A (where direct, cg and arnoldi apply |A|^-1) it diverges (DataError)
+or leaves a large measured residual (a warning); use cg or direct there.
+
 Cost: per solve, repeats * depth minibatch HVPs (~4 batch_size p flops each), plus one full-data HVP
 pass that measures the true relative residual ||v - A x|| / ||v|| (reported; a warning above
 RESIDUAL_WARN). Fit with scale auto: up to POWER_ITERS full passes, plus BATCH_PROBES x POWER_ITERS

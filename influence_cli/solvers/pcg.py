@@ -5,8 +5,10 @@ k independent recurrences for A x = b (one per row of b) run in lockstep, so eac
 the columns still active. From x = 0 the first direction is M b; after j steps x minimizes the A-norm error over
 span{M b, (M A) M b, ..., (M A)^(j-1) M b}. A column stops when its relative residual ||r|| / ||b|| <= tol, or on a
 direction of non-positive curvature d^T A d <= 0 (A is not positive definite there: x keeps its value). Residuals
-are the recurrence's (b - A x in exact arithmetic; no extra `hvp` call measures them). The step sizes of one
-column are the Lanczos coefficients of M A, whose extreme eigenvalues `lanczos_extremes` estimates.
+are the recurrence's (b - A x in exact arithmetic; no extra `hvp` call measures them). With `best`, each column
+returns its iterate of smallest residual instead of its last one (refine.py: on an indefinite A, or in few steps,
+the residual can grow; CG minimizes the A-norm error, which only a positive definite A makes a norm). The step
+sizes of one column are the Lanczos coefficients of M A, whose extreme eigenvalues `lanczos_extremes` estimates.
 Cost: `max_iter` `hvp` calls and `max_iter` + 1 `precondition` calls at most; memory ~5 (k, p) arrays.
 """
 
@@ -25,7 +27,9 @@ class PCGResult:
     `first_residual` (k,) of the first direction itself, ||b - A M b|| / ||b|| (0 for b = 0, 1 for a column never
     stepped); `stalled` (k,) bool: columns stopped by non-positive curvature at their first step (x = 0 there);
     `hvp` calls (`passes`), directions of non-positive curvature met, and the tracked column's step sizes
-    (`alphas`, `betas`, for `lanczos_extremes`; they end where that column met non-positive curvature)."""
+    (`alphas`, `betas`, for `lanczos_extremes`; they end where that column met non-positive curvature).
+    `negative` (k,) bool: columns that met non-positive curvature (at any step). With `best`: `grew` (k,) bool,
+    columns whose last iterate had a larger residual than the one returned."""
 
     x: Tensor
     steps: Tensor
@@ -36,13 +40,16 @@ class PCGResult:
     negative_curvature: int = 0
     alphas: list[float] = field(default_factory=list)
     betas: list[float] = field(default_factory=list)
+    grew: Tensor | None = None
+    negative: Tensor | None = None
 
 
 def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
-        precondition: Callable[[Tensor], Tensor] | None = None, track: int | None = None) -> PCGResult:
+        precondition: Callable[[Tensor], Tensor] | None = None, track: int | None = None,
+        best: bool = False) -> PCGResult:
     """Solve A x = b, A = `hvp` (symmetric, positive definite expected), M = `precondition` (identity when None),
-    b (k, p), by at most `max_iter` steps per column from x = 0; `track` names a column whose step sizes are kept
-    (see the module docstring)."""
+    b (k, p), by at most `max_iter` steps per column from x = 0; `track` names a column whose step sizes are kept;
+    `best` returns each column's iterate of smallest residual (see the module docstring)."""
     apply_m = precondition if precondition is not None else torch.clone  # d is updated in place: never b itself
     tiny = torch.finfo(b.dtype).tiny
     b_norm = b.norm(dim=1)
@@ -51,7 +58,10 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
     rz = (r * d).sum(1)
     res = PCGResult(x, torch.zeros(len(b), dtype=torch.long, device=b.device), b_norm.new_zeros(len(b)),
                     (b_norm > 0).to(b.dtype), torch.zeros(len(b), dtype=torch.bool, device=b.device))
+    res.negative = torch.zeros(len(b), dtype=torch.bool, device=b.device)
     active = (b_norm > 0).nonzero().flatten()
+    best_x = torch.zeros_like(b) if best else None
+    best_res = res.first_residual.clone()  # x = 0: residual 1 (0 for b = 0)
     for step in range(max_iter):
         active = active[r[active].norm(dim=1) > tol * b_norm[active]]
         if len(active) == 0:
@@ -65,6 +75,7 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
             res.stalled[active[~ok]] = True
         if not bool(ok.all()):  # not positive definite along d: those columns stop where they are
             res.negative_curvature += int((~ok).sum())
+            res.negative[active[~ok]] = True
             if track is not None and bool((active[~ok] == track).any()):
                 track = None
             active, ad, curvature = active[ok], ad[ok], curvature[ok]
@@ -74,6 +85,11 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
         x[active] += alpha[:, None] * d[active]
         r[active] -= alpha[:, None] * ad
         res.steps[active] += 1
+        if best_x is not None:
+            now = r[active].norm(dim=1) / b_norm[active]
+            better = now < best_res[active]
+            best_x[active[better]] = x[active[better]]
+            best_res[active[better]] = now[better]
         beta = None
         if step < max_iter - 1:  # the last step needs no new direction
             z = apply_m(r[active])
@@ -88,6 +104,9 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
                 if beta is not None:
                     res.betas.append(float(beta[at[0, 0]]))
     res.residual = r.norm(dim=1) / b_norm.clamp_min(tiny)
+    if best_x is not None:
+        res.grew = res.residual > best_res
+        res.x, res.residual = best_x, torch.minimum(res.residual, best_res)
     return res
 
 
