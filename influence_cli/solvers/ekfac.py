@@ -13,7 +13,8 @@ output factor exactly (`output_factor: sample` draws B z, z ~ N(0, I), instead: 
 For one Linear layer with MSE, S is constant and the correction makes this equal to H exactly.
 Refinement (`refine` = r > 0, `ihvp` only): block CG on A = H + (weight_decay + damping) I, applied by exact
 full-data HVPs (`GradientSource.hvp`: problem.hessian, exact or Gauss-Newton, weight decay and damping added
-once, the objective the direct solver inverts), preconditioned by M. Its first step is the EK-FAC answer M v
+once: the matrix every solver inverts, README "Solvers"), preconditioned by M. It keeps, per solve, the
+answer of smallest residual (M v included) and keeps M v where A shows non-positive curvature (refine.py). Its first step is the EK-FAC answer M v
 (rescaled); r more steps refine it, r + 1 HVP passes in all (see refine.py), which brings train->test
 influence, where the block-diagonal approximation is weakest, close to the exact solve. A fixed number of CG steps is not exactly linear in v (the step sizes depend on v):
 ihvp(a + b) = ihvp(a) + ihvp(b) only up to each solve's remaining error. `half_ihvp` and
