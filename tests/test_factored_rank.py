@@ -268,3 +268,38 @@ def test_sharded_and_resumed_rank_on_the_factored_path_equals_one_run(tmp_path, 
         assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
     frame = pd.read_csv(tmp_path / "single" / "overall.csv")
     assert len(frame) == 48
+
+
+# ---- selfcheck: EK-FAC's pass also gives the objective's gradient ---------------------------------------------------
+@pytest.mark.parametrize("kind", ["cnn", "per_position"])
+def test_ekfac_scored_rows_equal_the_solvers_own_pass_and_sum_the_gradients(kind):
+    from influence_cli.config import SolverConfig
+    from influence_cli.factored import ekfac_scored_rows
+    from influence_cli.solvers.ekfac import EkfacSolver
+
+    pr = problem(kind, "classification", "all")
+    solver = EkfacSolver(SolverConfig(name="ekfac")).fit(pr)
+    mine = list(ekfac_scored_rows(pr, solver.state(), pr.train_loader))
+    ref = list(solver.self_influence_blocks(pr.train_loader))
+    torch.testing.assert_close(torch.cat([b.self_influence for b in mine]),
+                               torch.cat([b.self_influence for b in ref]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.cat([b.losses for b in mine]), torch.cat([b.losses for b in ref]), rtol=0, atol=0)
+    summed = sum(b.grad_sum for b in mine)
+    exact = sum(b.grads.sum(0) for b in GradientSource(pr).per_example(pr.train_loader))
+    torch.testing.assert_close(summed, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_ekfac_selfcheck_takes_the_objective_gradient_from_its_scoring_pass(tmp_path, monkeypatch):
+    from influence_cli.commands.selfcheck import SelfcheckOptions, selfcheck
+
+    path = _config(tmp_path, *MLP, "classification", "float64", {"name": "ekfac", "ekfac": {"refine": 0}})
+    run = Run.open(load_config(path), "selfcheck")
+    calls = []
+    monkeypatch.setattr(GradientSource, "objective_gradient", lambda self: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("a separate objective pass")))
+    summary = selfcheck(run, SelfcheckOptions(gallery="none")).summary
+    monkeypatch.undo()
+    value, grad = GradientSource(run.problem).objective_gradient()
+    assert not calls
+    assert summary["objective_at_checkpoint"] == pytest.approx(value, rel=1e-12)
+    assert summary["grad_norm_at_checkpoint"] == pytest.approx(float(grad.norm()), rel=1e-10)

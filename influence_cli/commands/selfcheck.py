@@ -2,7 +2,9 @@
 
 Also each row's training-loss rank and an estimate of its leave-one-out loss (signals.py). The rows
 are scored in resumable shards; a solver that scores rows without their p-sized gradients (a
-`RowScorer`, EK-FAC's outer products) does so.
+`RowScorer`, EK-FAC's outer products) does so. The objective's value and gradient at the checkpoint
+come from the same pass: summed per-example gradients, or for EK-FAC the layers' summed outer
+products (factored.ekfac_scored_rows); only another RowScorer needs a separate objective pass.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import torch
 from .. import report
 from ..cache import content_key
 from ..errors import ConfigError
+from ..factored import ekfac_scored_rows
 from ..gradients import GradientSource
 from ..health import class_table, group_table
 from ..run import PhaseFn, Report, Run
 from ..scores import self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
 from ..solvers import Factored, RowScorer
+from ..solvers.ekfac import EkfacSolver
 from ..suspicion import (
     FLAG_METHOD,
     FLAG_METHOD_REGRESSION,
@@ -84,7 +88,7 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     problem, train, n = run.problem, run.train, run.train.n
     rows = _scored_rows(run)
     with run.timer("checkpoint_gradient"):
-        if isinstance(solver, RowScorer):  # its pass forms no per-row gradient: one objective pass
+        if rows["grad_sum"] is None:  # a RowScorer's pass that sums no gradient: one objective pass
             stored, _ = run.cache.cached(f"objective-gradient-{content_key(run.base_key)}", lambda: dict(
                 zip(("value", "grad"), GradientSource(problem).objective_gradient(), strict=True)))
             value, grad_j = stored["value"], stored["grad"].to(run.device)
@@ -204,7 +208,9 @@ def _scored_rows(run: Run) -> dict[str, Any]:
                 out[name][window] = part[name].numpy()
             if out["prob"] is not None:
                 out["prob"][window] = part["prob"].numpy()
-            if part["grad_sum"] is not None:
+            if part["grad_sum"] is None or out["grad_sum"] is None:  # a shard stored without it
+                out["grad_sum"] = None
+            else:
                 out["grad_sum"] += part["grad_sum"]
             out["shards"] += 1
             out["reused"] += reused
@@ -216,12 +222,17 @@ def _score_shard(run: Run, rows: range, tick: PhaseFn | None) -> dict[str, Any]:
     problem, solver, count = run.problem, run.fitted(), len(rows)
     loader = run.stream(run.train, rows)
     scorer = solver if isinstance(solver, RowScorer) else None
-    blocks = (scorer.self_influence_blocks(loader, tick, run.train.n, run.train.ids) if scorer is not None
-              else GradientSource(problem).per_example(loader, run.train.ids, tick, run.train.n))
+    summed = scorer is None or isinstance(solver, EkfacSolver)  # the pass also sums the rows' gradients
+    if isinstance(solver, EkfacSolver):
+        blocks: Any = ekfac_scored_rows(problem, solver.state(), loader, tick, run.train.n, run.train.ids)
+    elif scorer is not None:
+        blocks = scorer.self_influence_blocks(loader, tick, run.train.n, run.train.ids)
+    else:
+        blocks = GradientSource(problem).per_example(loader, run.train.ids, tick, run.train.n)
     out = {"si": torch.zeros(count, dtype=torch.float64), "loss": torch.zeros(count, dtype=torch.float64),
            "pred": torch.zeros(count, dtype=torch.float64 if run.cfg.task == "regression" else torch.int64),
            "prob": torch.zeros(count, dtype=torch.float64),
-           "grad_sum": None if scorer is not None else torch.zeros(problem.params.size, dtype=torch.float64)}
+           "grad_sum": torch.zeros(problem.params.size, dtype=torch.float64) if summed else None}
     for block in blocks:
         local = block.idx - rows.start
         if scorer is None:
@@ -229,6 +240,8 @@ def _score_shard(run: Run, rows: range, tick: PhaseFn | None) -> dict[str, Any]:
             out["grad_sum"] += block.grads.double().sum(0).cpu()  # the objective's gradient, for free
         else:
             out["si"][local] = block.self_influence.double().cpu()
+            if summed:
+                out["grad_sum"] += block.grad_sum.cpu()
         out["loss"][local] = block.losses.detach().double().cpu()
         p_hat, p_label = problem.objective.predict(block.outputs, block.targets)
         out["pred"][local] = p_hat.detach().cpu().to(out["pred"].dtype)
