@@ -49,3 +49,16 @@ def _error(flagged: np.ndarray, error_probability: np.ndarray | None) -> np.ndar
     if error_probability is None:
         return np.asarray(flagged, dtype=float)
     return np.asarray(error_probability, dtype=float)
+
+
+LOW_ACCURACY = 0.5  # a classifier predicting fewer of its own training labels than this fits nothing
+
+
+def accuracy_warnings(accuracy: float | None, advice: str = "check the data and labels, and train.lr/train.epochs"
+                      ) -> list[str]:
+    """The warning for a training accuracy under LOW_ACCURACY (none for regression: accuracy None): what
+    train, selfcheck and rank print in the terminal and keep in the manifest."""
+    if accuracy is None or accuracy != accuracy or accuracy >= LOW_ACCURACY:
+        return []
+    return [f"training accuracy {accuracy:.1%} is under {LOW_ACCURACY:.0%}: the model fits almost nothing of its"
+            f" training labels, so influence scores and suspects mean little; {advice}"]

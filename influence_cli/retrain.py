@@ -19,7 +19,9 @@ a = H^-1 gbar, the first-order error of each actual change from stopping short o
 (RetrainResult.actual_error): an actual change is trustworthy only when that error is small
 against it.
 
-L-BFGS retrains in float64 (as `infl train` does), on a private copy of the model. Cost: 1 + count
+L-BFGS retrains in float64 (as `infl train` does), on a private copy of the model; when the selected
+parameters are a head on a frozen body (`params: last_layer`, head.py), its features are computed once and
+every retrain optimizes the head on them, as `infl train`'s polish does. Cost: 1 + count
 retrains, each about as long as the reference (time it, then `estimate_seconds`). Retrains run in
 `workers` forked processes on Linux CPUs (fork shares the model and data without pickling); see
 `retrain_effects` for the measured trade-off.
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 from .config import TrainConfig
 from .data import CastLoader
 from .errors import ConfigError
+from .head import frozen_head, head_features
 from .objective import Objective, Problem
 from .train import minimize
 
@@ -167,6 +170,20 @@ class _Retrainer:
         self.start = [p.detach().clone() for p in self.params]
         self.loader = CastLoader(problem.train_loader, dtype)
         self.dtype = dtype
+        self.net: nn.Module = self.model  # what minimize runs: the model, or its head on the frozen features
+        self.rows: Loader = self.loader
+        if config.optimizer == "lbfgs":
+            self._use_head_features()
+
+    def _use_head_features(self) -> None:
+        """With a head on a frozen body (head.py, `params: last_layer`): its features once, from the
+        checkpoint's model in its own dtype, and every retrain on them (same objective, a layer's cost)."""
+        problem = self.problem
+        sample = next(iter(problem.train_loader))[1][:2]
+        head = frozen_head(problem.model, problem.params.names, sample)
+        features = None if head is None else head_features(problem.model, head, problem.train_loader, problem.n, 256)
+        if features is not None:
+            self.net, self.rows = dict(self.model.named_modules())[head], features
 
     def residual_effect(self, exclude: Tensor | None) -> float:
         """a^T r, r = gradient of the (row-weighted) objective at the current parameters."""
@@ -175,8 +192,8 @@ class _Retrainer:
         obj, n, device = self.problem.objective, self.problem.n, self.params[0].device
         weights = torch.ones(n) if exclude is None else (~exclude).double()
         grads = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
-        for idx, x, y in self.loader:
-            losses = obj.per_example_loss(self.model(x.to(device)), y.to(device))
+        for idx, x, y in self.rows:
+            losses = obj.per_example_loss(self.net(x.to(device)), y.to(device))
             loss = (losses * weights[idx].to(device=device, dtype=losses.dtype)).sum() / n
             for g, d in zip(grads, torch.autograd.grad(loss, self.params), strict=True):
                 g += d.double()
@@ -197,7 +214,7 @@ class _Retrainer:
         try:  # every retrain draws the same random numbers (dropout), without touching the caller's RNG
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(self.problem.seed)
-                result = minimize(self.model, self.params, self.problem.objective, self.loader, self.problem.n,
+                result = minimize(self.net, self.params, self.problem.objective, self.rows, self.problem.n,
                                   self.config, exclude=exclude if len(rows) else None, shuffled=shuffled)
             self.model.eval()
             residual = self.residual_effect(exclude if len(rows) else None)

@@ -7,16 +7,15 @@ stationary point in the parameters influence differentiates.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ..data import CastLoader, make_loader
 from ..errors import ConfigError
+from ..health import accuracy_warnings
 from ..models import save_checkpoint
 from ..run import Report, Run
-from ..train import minimize
+from ..train import POLISH_ITERATIONS, fit
 
 
 def train(run: Run) -> Report:
@@ -25,21 +24,8 @@ def train(run: Run) -> Report:
     if cfg.model.checkpoint is None:
         raise ConfigError("model.checkpoint: required by `infl train` (where to write the weights)")
     model = problem.model
-    final_dtype = next(model.parameters()).dtype
-    for p in model.parameters():
-        p.requires_grad_(True)
     with run.timer("train"):
-        result = _minimize_all(run, final_dtype)
-        polished = None
-        if cfg.train.optimizer != "lbfgs" and cfg.train.polish:
-            selected = [dict(model.named_parameters())[n] for n in problem.params.names]
-            model.to(torch.float64)
-            polished = minimize(model, selected, problem.objective,
-                                CastLoader(make_loader(run.train, cfg.batch_size), torch.float64), problem.n,
-                                replace(cfg.train, optimizer="lbfgs", lr=1.0, epochs=200), progress=run.phase("polish"))
-    model.to(final_dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
+        result, polished = fit(model, problem, run.train, cfg, run.progress)
     with run.timer("save"):
         save_checkpoint(model, cfg.model.checkpoint, cfg.model)
     final = polished or result
@@ -47,8 +33,9 @@ def train(run: Run) -> Report:
                "optimizer": cfg.train.optimizer, "objective": final.objective, "grad_norm": final.grad_norm,
                "grad_norm_all_parameters": result.grad_norm, "polished": polished is not None,
                "iterations": result.iterations, "converged": final.converged,
-               "checkpoint": str(cfg.model.checkpoint)}
-    warnings = [] if final.converged else [not_converged_advice(cfg, model, final, polished is not None)]
+               "checkpoint": str(cfg.model.checkpoint), "train_accuracy": final.accuracy, "head_only": final.head_only}
+    warnings = ([] if final.converged else [not_converged_advice(cfg, model, final, polished is not None)]
+                ) + accuracy_warnings(final.accuracy)
     return Report({}, summary, {"phases": run.timer.phases}, warnings)
 
 
@@ -59,7 +46,7 @@ def not_converged_advice(cfg: Any, model: torch.nn.Module, final: Any, polished:
     head = (f"training stopped at gradient norm {final.grad_norm:.3g} > train.tol={cfg.train.tol:g}: influence"
             " assumes an optimum;")
     lbfgs = cfg.train.optimizer == "lbfgs" or polished
-    budget = 200 if polished else cfg.train.epochs
+    budget = POLISH_ITERATIONS if polished else cfg.train.epochs
     relu = any(isinstance(m, torch.nn.ReLU) for m in model.modules())
     if lbfgs and final.iterations < budget:
         tips = ["L-BFGS stalled before its budget, so more epochs will not help"]
@@ -73,15 +60,3 @@ def not_converged_advice(cfg: Any, model: torch.nn.Module, final: Any, polished:
         return f"{head} L-BFGS used all {budget} iterations: raise train.epochs"
     return (f"{head} {cfg.train.optimizer} does not reach a stationary point: keep train.polish: true (L-BFGS"
             " finishes the selected parameters) or use train.optimizer: lbfgs")
-
-
-def _minimize_all(run: Run, dtype: torch.dtype) -> Any:
-    """Train every parameter; L-BFGS in float64, adam/sgd in the model's dtype on seeded shuffled batches."""
-    cfg, model, problem = run.cfg, run.problem.model, run.problem
-    generator = torch.Generator().manual_seed(cfg.seed)
-    shuffled = CastLoader(make_loader(run.train, cfg.batch_size, shuffle=True, generator=generator), dtype)
-    work = torch.float64 if cfg.train.optimizer == "lbfgs" else dtype
-    model.to(work)
-    loader = CastLoader(make_loader(run.train, cfg.batch_size), work)
-    return minimize(model, list(model.parameters()), problem.objective, loader, problem.n, cfg.train,
-                    shuffled=shuffled, progress=run.phase("train"))
