@@ -29,12 +29,13 @@ how much of the curvature along its own step the group holds: near 1 the objecti
 much flatter than with it, the step is long, and one Newton step on a non-quadratic objective can be far
 off.
 
-One chord correction follows for the groups that need it (curvature_share above CHORD_SHARE, at most
+Chord corrections follow for the groups that need them (curvature_share above CHORD_SHARE, at most
 CHORD_GROUPS of them, largest share first): the gradient of J_U at theta* + x over every training row (one
-gradient pass per group), and a second solve of the same system, A dx = -grad J_U(theta* + x), so
+gradient pass per group), and another solve of the same system, A dx = -grad J_U(theta* + x), so
 x <- x + dx (a chord-Newton step: the Hessian stays the one at theta*; repeated, it converges to the
-retrained minimum). gbar.dx follows from the same identity. A group whose correction moved its estimate by
-more than CHORD_TRUST of the result is still far from converged: the caller warns and points to
+retrained minimum), up to CHORD_STEPS times, each time only for the groups whose estimate moved by more
+than CHORD_DONE. gbar.dx follows from the same identity. A group whose last correction still moved its
+estimate by more than CHORD_TRUST is far from converged: the caller warns and points to
 `infl verify --groups`.
 """
 
@@ -56,7 +57,9 @@ MAX_ITER = 30
 TOL = 1e-8
 CHORD_SHARE = 0.1  # groups holding more of the curvature along their step get a chord correction
 CHORD_GROUPS = 32  # at most this many (each costs one gradient pass over every training row)
-CHORD_TRUST = 0.25  # a correction that moved the estimate by more than this fraction: not converged
+CHORD_STEPS = 4  # chord corrections at most, each only for the groups whose estimate still moves
+CHORD_DONE = 0.02  # a correction under this fraction of the estimate: that group is done
+CHORD_TRUST = 0.1  # the last correction moved the estimate by more than this fraction: not converged
 
 
 @dataclass(frozen=True)
@@ -73,35 +76,41 @@ class NewtonSteps:
     correction: Tensor | None = None
 
     def untrusted(self) -> Tensor:
-        """(G,) bool: PCG short of its tolerance, or a chord correction above CHORD_TRUST of the estimate."""
+        """(G,) bool: PCG short of its tolerance, or a last chord correction above CHORD_TRUST of the estimate."""
         bad = ~self.converged
         if self.correction is not None:
             bad = bad | (self.correction.abs() > CHORD_TRUST * self.change.abs())
         return bad
 
 
-def removal_steps(problem: Problem, solver: Solver, member: Tensor, a: Tensor, b: Tensor, d: Tensor) -> NewtonSteps:
-    """The Newton step of removing each group, then one chord correction for the groups that need it
-    (see the module docstring)."""
+def removal_steps(problem: Problem, solver: Solver, member: Tensor, a: Tensor, b: Tensor, d: Tensor,
+                  corrections: int = CHORD_STEPS) -> NewtonSteps:
+    """The Newton step of removing each group, then up to `corrections` chord corrections for the groups
+    that need them (see the module docstring)."""
     first = newton_steps(problem, solver, member, a, b, d)
     share = first.curvature_share
+    steps, change, converged = first.steps.clone(), first.change.clone(), first.converged.clone()
+    correction = torch.zeros_like(first.change)
+    iterations = first.iterations
     chosen = [g for g in torch.argsort(share, descending=True).tolist() if float(share[g]) > CHORD_SHARE]
     chosen = sorted(chosen[:CHORD_GROUPS])
-    correction = torch.zeros_like(first.change)
-    if not chosen:
-        return NewtonSteps(first.change, first.steps, share, first.converged, first.iterations, correction)
-    pick = torch.as_tensor(chosen, device=member.device)
-    remap = torch.full((len(share),), -1, dtype=torch.long, device=member.device)
-    remap[pick] = torch.arange(len(chosen), device=member.device)
-    sub_member = torch.where(member >= 0, remap[member.clamp_min(0)], member)
-    rhs = -objective_gradients_without(problem, member, pick, first.steps[pick])
-    second = newton_steps(problem, solver, sub_member, a, rhs, _preconditioner(solver)(rhs))
-    steps, change, converged = first.steps.clone(), first.change.clone(), first.converged.clone()
-    steps[pick] += second.steps
-    change[pick] += second.change
-    correction[pick] = second.change
-    converged[pick] &= second.converged
-    return NewtonSteps(change, steps, share, converged, first.iterations + second.iterations, correction)
+    for _ in range(corrections):
+        if not chosen:
+            break
+        pick = torch.as_tensor(chosen, device=member.device)
+        remap = torch.full((len(share),), -1, dtype=torch.long, device=member.device)
+        remap[pick] = torch.arange(len(chosen), device=member.device)
+        sub_member = torch.where(member >= 0, remap[member.clamp_min(0)], member)
+        rhs = -objective_gradients_without(problem, member, pick, steps[pick])
+        more = newton_steps(problem, solver, sub_member, a, rhs, _preconditioner(solver)(rhs))
+        steps[pick] += more.steps
+        change[pick] += more.change
+        correction[pick] = more.change
+        converged[pick] &= more.converged
+        iterations += more.iterations
+        moving = (more.change.abs() > CHORD_DONE * change[pick].abs()).tolist()
+        chosen = [g for g, m in zip(chosen, moving, strict=True) if m]
+    return NewtonSteps(change, steps, share, converged, iterations, correction)
 
 
 def objective_gradients_without(problem: Problem, member: Tensor, groups: Tensor, steps: Tensor) -> Tensor:

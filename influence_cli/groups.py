@@ -61,11 +61,13 @@ class GradBlock(Protocol):
 
 def group_effects(problem: Problem, solver: Solver, test_ihvp_mean: Tensor, groups: Mapping[str, np.ndarray],
                   train_grads_fn: Callable[[], Iterable[GradBlock]], *,
-                  test_hvp: Callable[[Tensor], Tensor] | None = None, second_order: bool = True,
+                  test_hvp: Callable[[Tensor], Tensor] | None = None,
+                  test_loss_change: Callable[[Tensor], Tensor] | None = None, second_order: bool = True,
                   progress: Progress | None = None) -> pd.DataFrame:
     """One row per group, sorted ascending by the best estimate (most harmful first, ties in the given order):
-    group, size, loss_change_if_removed (the Newton step of removing the group, group_newton.py, plus the test
-    loss's curvature along it), loss_change_if_removed_1st (the first-order sum of the rows' effects),
+    group, size, loss_change_if_removed (the Newton step of removing the group, group_newton.py: the mean test
+    loss at theta* + step minus at theta* when `test_loss_change` is given, else its second-order expansion
+    gbar.x + 0.5 x^T H_t x, which fails for long steps), loss_change_if_removed_1st (the first-order sum of the rows' effects),
     loss_change_if_removed_2nd (the second-order expansion, see the module docstring) and curvature_share
     (how much of the curvature along its step the group holds) and trusted (False where the estimate had not
     converged: `untrusted_groups`). With second_order False only the first order is computed
@@ -74,7 +76,8 @@ def group_effects(problem: Problem, solver: Solver, test_ihvp_mean: Tensor, grou
     test_ihvp_mean: a = H^-1 gbar, (p,) or (1, p). groups: name -> row indices (disjoint).
     train_grads_fn(): a fresh stream of blocks of per-example training gradients (GradientSource.
     per_example). test_hvp: V (k, p) -> H_t V for the mean test loss (`mean_loss_hvp`); without it
-    the test-curvature terms are left out. progress(done, total) counts the passes (up to 5)."""
+    the test-curvature terms are left out. test_loss_change: X (G, p) -> (G,) the mean test loss at
+    theta* + X_g minus at theta* (`mean_loss_change`). progress(done, total) counts the passes (up to 5)."""
     n, p = problem.n, problem.params.size
     a = test_ihvp_mean.reshape(-1).to(torch.float64)
     if a.numel() != p:
@@ -108,7 +111,10 @@ def group_effects(problem: Problem, solver: Solver, test_ihvp_mean: Tensor, grou
         curved = (both * test_hvp(both).to(torch.float64)).sum(1).cpu() if both is not None else torch.zeros(2 * count)
         _tick(progress, 5, total)
         second = first + (interaction - 0.5 * third).cpu().numpy() + 0.5 * curved[:count].numpy()
-        newton = steps.change.cpu().numpy() + 0.5 * curved[count:].numpy()
+        if test_loss_change is not None:
+            newton = test_loss_change(steps.steps).to(torch.float64).cpu().numpy()
+        else:
+            newton = steps.change.cpu().numpy() + 0.5 * curved[count:].numpy()
         share = steps.curvature_share.cpu().numpy()
         trusted = ~steps.untrusted().cpu().numpy()
     best = newton if second_order and count else first
@@ -134,6 +140,29 @@ def group_warning(frame: pd.DataFrame) -> str | None:
     return (f"groups.csv: the estimate for {len(bad)} group(s) ({shown}) had not converged (their removal moves the"
             " model far from the checkpoint, where the objective is not quadratic): measure them with"
             " `infl verify --groups`")
+
+
+def mean_loss_change(problem: Problem, loader: Loader, count: int) -> Callable[[Tensor], Tensor]:
+    """X (G, p) -> (G,): the mean loss over `loader`'s `count` rows at theta* + X_g minus at theta*, float64;
+    one pass over the rows, the G parameter points vmapped in chunks that fit BLOCK_BYTES."""
+    fn = _Functional(replace(problem, train_loader=loader, n=count))
+    base = problem.params.flatten(fn.theta)
+
+    def losses(th: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return fn.loss(fn.forward(th, x), y).sum()
+
+    def change(steps: Tensor) -> Tensor:
+        points = steps.to(torch.float64) + base[None]
+        total = torch.zeros(len(points) + 1, dtype=torch.float64, device=points.device)
+        points = torch.cat([points, base[None]])
+        for _, x, y in fn.batches():
+            per = max(1, BLOCK_BYTES // max(1, 8 * 2 * (problem.params.size + len(x) * fn.activations)))
+            for s in range(0, len(points), per):
+                total[s : s + per] += vmap(losses, in_dims=(0, None, None))(
+                    problem.params.unflatten(points[s : s + per]), x, y)
+        return (total[:-1] - total[-1]) / count
+
+    return change
 
 
 def mean_loss_hvp(problem: Problem, loader: Loader, count: int) -> Callable[[Tensor], Tensor]:

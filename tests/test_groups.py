@@ -11,7 +11,7 @@ from conftest import ListLoader, trained_case
 from influence_cli.config import ArnoldiConfig, CGConfig, SolverConfig, TrainConfig
 from influence_cli.errors import ConfigError
 from influence_cli.gradients import GradientSource
-from influence_cli.groups import COLUMNS, group_effects, mean_loss_hvp
+from influence_cli.groups import COLUMNS, group_effects, mean_loss_change, mean_loss_hvp
 from influence_cli.scores import loss_change_if_removed
 from influence_cli.solvers import make_solver
 from influence_cli.train import minimize
@@ -41,12 +41,13 @@ def mean_test_grad(case, xt, yt):
     return block.grads.mean(0)
 
 
-def effects(case, xt, yt, solver, groups, with_curvature=True):
+def effects(case, xt, yt, solver, groups, with_curvature=True, exact_test_loss=True):
     a = solver.ihvp(mean_test_grad(case, xt, yt)[None])
     source = GradientSource(case.problem)
     hvp = mean_loss_hvp(case.problem, ListLoader(xt, yt, 16), len(xt)) if with_curvature else None
+    change = mean_loss_change(case.problem, ListLoader(xt, yt, 16), len(xt)) if exact_test_loss else None
     frame = group_effects(case.problem, solver, a, groups, lambda: source.per_example(case.problem.train_loader),
-                          test_hvp=hvp)
+                          test_hvp=hvp, test_loss_change=change)
     return frame.set_index("group"), a[0]
 
 
@@ -212,9 +213,12 @@ def test_newton_step_is_exact_for_a_quadratic_objective():
     order = np.argsort(case.y.numpy())  # groups of similar targets: removing one moves the fit far
     groups = {"a": order[:6], "b": order[6:20], "c": order[20:47], "d": order[47:]}
     frame, _ = effects(case, xt, yt, solver, groups)
+    quadratic, _ = effects(case, xt, yt, solver, groups, exact_test_loss=False)  # the test loss is quadratic too
     actual = retrained_effects(case, xt, yt, groups)
     for name in groups:
         np.testing.assert_allclose(frame.loc[name, "loss_change_if_removed"], actual[name], rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(quadratic.loc[name, "loss_change_if_removed"], actual[name], rtol=1e-6,
+                                   atol=1e-10)
     first_err = max(abs(frame.loc[k, "loss_change_if_removed_1st"] - actual[k]) for k in groups)
     assert first_err > 100 * max(abs(frame.loc[k, "loss_change_if_removed"] - actual[k]) for k in groups)
 
@@ -284,3 +288,18 @@ def test_untrusted_groups_are_named_in_a_warning():
     line = group_warning(frame)
     assert "2 group(s) (b, c)" in line and "infl verify --groups" in line
     assert group_warning(frame.iloc[[0, 3]]) is None
+
+
+def test_mean_loss_change_is_the_test_loss_at_the_moved_parameters():
+    case, xt, yt, _ = trained("mlp", n=40)
+    pr, flat = case.problem, case.flat_params()
+    steps = 0.3 * torch.randn(4, pr.params.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    named = {k: w.detach() for k, w in pr.model.named_parameters()}
+
+    def mean_loss(f):
+        out = torch.func.functional_call(pr.model, {**named, **pr.params.unflatten(f)}, (xt,))
+        return float(pr.objective.per_example_loss(out, yt).mean())
+
+    want = [mean_loss(flat + s) - mean_loss(flat) for s in steps]
+    got = mean_loss_change(pr, ListLoader(xt, yt, 7), len(xt))(steps)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-13)
