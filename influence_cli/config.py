@@ -34,6 +34,17 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = field(default=None, metadata=_OUT_PATH)  # `infl train` writes it
     trust_pickle: bool = False
+    path: Path | None = field(default=None, metadata=_IN_PATH)  # arch hf: a local save_pretrained folder
+
+    def __post_init__(self) -> None:
+        if self.arch == "hf" and self.path is None:
+            raise ConfigError("path: model.arch hf needs model.path, a local save_pretrained folder",
+                              hint="the folder holds config.json, model.safetensors and the tokenizer files")
+        if self.arch != "hf" and self.path is not None:
+            raise ConfigError(f"path: only model.arch hf reads model.path (arch is {self.arch})",
+                              hint="drop model.path, or set model.arch: hf")
+        if self.arch == "hf" and self.kwargs:
+            raise ConfigError("kwargs: model.arch hf takes no kwargs (the folder's config.json describes the model)")
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,23 @@ class SplitConfig:
     # python
     function: str | None = None  # "package.module:function" returning a torch Dataset
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # text (csv/parquet with model.arch hf): one column, or two for sentence pairs; tokens kept per row
+    text: tuple[str, ...] | None = None
+    max_length: int | None = None  # default: the tokenizer's limit, capped by the model's positions
+    tokenizer: Path | None = field(default=None, metadata={"internal": True})  # model.path, set by load_config
 
     def __post_init__(self) -> None:
+        if self.text is not None:
+            if self.format not in ("csv", "parquet"):
+                raise ConfigError(f"text: only csv and parquet data have text columns (format is {self.format})")
+            if not 1 <= len(self.text) <= 2:
+                raise ConfigError(f"text: give one column, or two for sentence pairs, got {len(self.text)}")
+            if self.features is not None:
+                raise ConfigError("features: text data has no feature columns (the tokens are the input)",
+                                  hint="drop features, or drop text for numeric columns")
+        elif self.max_length is not None:
+            raise ConfigError("max_length: only text data (text: COLUMN) is tokenized")
+        _positive(self, "max_length")
         if self.format in ("csv", "parquet", "imagefolder", "torchvision", "tensors") and not self.path:
             raise ConfigError(f"path: required for format {self.format}", hint="give the file or folder")
         if self.format == "torchvision" and not self.name:
@@ -161,9 +187,24 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     tol: float = 1e-5  # stop when the full-objective gradient norm is below this
     polish: bool = True  # after adam/sgd: L-BFGS on the selected `params` until their gradient is ~0
+    warmup: float = 0.1  # model.arch hf with adam: fraction of the steps the learning rate ramps up over
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "lr", "tol")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup: must be in [0, 1), got {self.warmup}")
+
+
+@dataclass(frozen=True)
+class LastBlocks:
+    """`params: {last_blocks: K}`: the head and the last K transformer blocks (model.arch hf)."""
+
+    last_blocks: int = field(default=0, metadata=_REQUIRED)
+    linear_only: bool = False  # only their Linear layers' weights and biases (what solver ekfac factors)
+
+    def __post_init__(self) -> None:
+        if self.last_blocks < 0:
+            raise ConfigError(f"last_blocks: must be >= 0, got {self.last_blocks}", hint="0 selects the head alone")
 
 
 @dataclass(frozen=True)
@@ -205,7 +246,7 @@ class Config:
     dtype: Literal["float32", "float64"] = "float32"  # model and gradients; curvature is always float64
     batch_size: int = 256
     task: Literal["classification", "binary", "regression"] = "classification"
-    params: Literal["all", "last_layer"] | tuple[str, ...] = "all"
+    params: Literal["all", "last_layer"] | tuple[str, ...] | LastBlocks = "all"
     weight_decay: float = 0.001
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -225,6 +266,7 @@ class Config:
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if isinstance(self.params, tuple) and not self.params:
             raise ConfigError("params: the list of parameter-name prefixes is empty")
+        _check_text(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able form (paths as strings, tuples as lists), for the manifest."""
@@ -257,7 +299,34 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     _inherit_test_settings(raw)
     cfg = build(Config, raw, "")
     cfg = _resolve_paths(cfg, path.resolve().parent)
-    return dataclasses.replace(cfg, source=path.resolve())
+    return dataclasses.replace(link_tokenizer(cfg), source=path.resolve())
+
+
+def _check_text(cfg: Config) -> None:
+    """Text data and model.arch hf come together; `params: {last_blocks}` needs hf."""
+    splits = [("train", cfg.data.train), ("test", cfg.data.test)]
+    hf = cfg.model.arch == "hf"
+    for role, split in splits:
+        if split is not None and split.text is not None and not hf:
+            raise ConfigError(f"data.{role}.text: text data needs model.arch: hf (its tokenizer comes from model.path)",
+                              hint="set model.arch: hf and model.path: a local save_pretrained folder")
+    if hf and cfg.data.train.text is None:
+        raise ConfigError("data.train.text: model.arch hf reads text: name the text column",
+                          hint="for example text: sentence, or text: [premise, hypothesis] for pairs")
+    if isinstance(cfg.params, LastBlocks) and not hf:
+        raise ConfigError("params.last_blocks: selects transformer blocks of model.arch hf",
+                          hint="use params: last_layer or a list of parameter-name prefixes")
+
+
+def link_tokenizer(cfg: Config) -> Config:
+    """Give every text split the tokenizer of model.path (the data is tokenized as the model reads it)."""
+    if cfg.model.arch != "hf":
+        return cfg
+    train = dataclasses.replace(cfg.data.train, tokenizer=cfg.model.path)
+    test = cfg.data.test
+    if test is not None and test.text is not None:
+        test = dataclasses.replace(test, tokenizer=cfg.model.path)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, test=test))
 
 
 MAX_CONFIG_BYTES = 2**20
@@ -381,7 +450,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 INHERITED = {"group": ("csv", "parquet", "tensors"), "carry": ("csv", "parquet", "tensors"),
-             "features": ("csv", "parquet")}
+             "features": ("csv", "parquet"), "text": ("csv", "parquet"), "max_length": ("csv", "parquet")}
 
 
 def _inherit_test_settings(raw: dict[str, Any]) -> None:
@@ -427,6 +496,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        sections = [o for o in options if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and sections:  # a mapping can only be the section: its own message
+            return _coerce(sections[0], value, key)
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:

@@ -151,8 +151,11 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
         raise ConfigError(f"{key}.features: only csv and parquet data have feature columns")
     readers = {"tensors": _tensors, "imagefolder": sources.imagefolder, "torchvision": sources.torchvision,
                "python": sources.python}
-    raw, names_of_x = _tabular(cfg, key, features) if cfg.format in ("csv", "parquet") else (
-        readers[cfg.format](cfg, key), None)
+    if cfg.text is not None:
+        raw, names_of_x = _text(cfg, key), None
+    else:
+        raw, names_of_x = _tabular(cfg, key, features) if cfg.format in ("csv", "parquet") else (
+            readers[cfg.format](cfg, key), None)
     if not raw.ids:
         raise DataError(f"{key}: the dataset at {cfg.path or cfg.function} has no rows", hint="check the file")
     index = pd.Index(raw.ids)
@@ -162,6 +165,10 @@ def load_split(cfg: SplitConfig, role: str, task: str, classes: list[str] | None
     labels, names = _labels(raw.targets, raw.ids, key, task, classes, raw.names)
     in_memory = isinstance(raw.base, torch.Tensor)
     dataset = TensorRows(raw.base, labels) if in_memory else LabeledDataset(raw.base, labels, raw.ids, key)
+    if cfg.text is not None:
+        from .text import TextRows
+
+        dataset = TextRows(raw.base, labels)
     extra = raw.extra if raw.extra is not None else pd.DataFrame(index=pd.RangeIndex(len(raw.ids)))
     digest = _fingerprint(raw, labels, cfg, names_of_x)
     digest.update(json.dumps([task, names], default=str).encode())
@@ -235,11 +242,14 @@ class _SlicedRows(Dataset):
         return len(self.data)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        trim = getattr(self.data, "trim", None)  # text: cut the batch to its longest row
         if self.in_order:
             start, stop = indices[0], indices[-1] + 1
-            return torch.arange(start, stop), self.data.x[start:stop], self.data.y[start:stop]
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return idx, self.data.x.index_select(0, idx), self.data.y.index_select(0, idx)
+            idx, x, y = torch.arange(start, stop), self.data.x[start:stop], self.data.y[start:stop]
+        else:
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            x, y = self.data.x.index_select(0, idx), self.data.y.index_select(0, idx)
+        return idx, (trim(x, idx) if trim else x), y
 
 
 class _IndexedRows(Dataset):
@@ -287,16 +297,35 @@ def _tabular(cfg: SplitConfig, key: str, trained: Sequence[str] | None) -> tuple
     return Raw(ids, df[cfg.label].to_numpy(), None, x, b"", extra), tuple(features)  # x is hashed, not the file
 
 
+def _text(cfg: SplitConfig, key: str) -> Raw:
+    """Text columns tokenized by model.path's tokenizer (text.py); the text goes into the reports too."""
+    from . import text
+
+    path = existing(cfg.path, f"{key}.path", file=True)
+    df = _read_table(path, cfg, key)
+    df.columns = cols = [str(c) for c in df.columns]
+    _require(key, {**_named(cfg), "text": list(cfg.text or ())}, cols, "column", path.name)
+    clash = [c for c in cfg.text or () if c in (cfg.label, cfg.id)]
+    if clash:
+        raise ConfigError(f"{key}.text: {clash[0]!r} is also the label or id column")
+    ids = _ids(df[cfg.id], key) if cfg.id else [str(i) for i in range(len(df))]
+    x = text.tokenize([text.column(df[c], ids, f"{key}.text") for c in cfg.text or ()], cfg.tokenizer,
+                      cfg.max_length, key)
+    extra = df[list(dict.fromkeys([*(cfg.text or ()), *_extra_names(cfg)]))].reset_index(drop=True)
+    return Raw(ids, df[cfg.label].to_numpy(), None, x, b"", extra)  # the tokens are hashed
+
+
 def _read_table(path: Path, cfg: SplitConfig, key: str) -> pd.DataFrame:
-    """The file as a DataFrame; csv ids as text, verbatim ("NA", "None", "007" stay what they are)."""
+    """The file as a DataFrame; csv ids and text as text, verbatim ("NA", "None", "007" stay what they are)."""
+    verbatim = [c for c in (cfg.id, *(cfg.text or ())) if c]
     try:
         if cfg.format == "parquet":
             return pd.read_parquet(path)
-        if not cfg.id:
+        if not verbatim:
             return pd.read_csv(path)
         header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
-        na = {c: NA_STRINGS for c in header if c != cfg.id}
-        return pd.read_csv(path, dtype={cfg.id: str} if cfg.id in header else None, keep_default_na=False,
+        na = {c: NA_STRINGS for c in header if c not in verbatim}
+        return pd.read_csv(path, dtype={c: str for c in verbatim if c in header} or None, keep_default_na=False,
                            na_values=na)
     except pd.errors.EmptyDataError:
         raise DataError(f"{key}.path: {path} is empty (no header row, no rows)", hint="check the file") from None
@@ -505,7 +534,7 @@ def _name_rows(ids: Sequence[str], rows: Any, limit: int = _SHOWN) -> str:
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
-NOT_HASHED = ("path", "group", "carry", "features")  # features: hashed as the resolved names
+NOT_HASHED = ("path", "group", "carry", "features", "tokenizer")  # features: as the resolved names; tokenizer: its tokens
 
 
 def _fingerprint(raw: Raw, labels: torch.Tensor, cfg: SplitConfig, features: tuple[str, ...] | None) -> Any:

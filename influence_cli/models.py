@@ -116,7 +116,12 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """A built-in by name, or "package.module:factory" called with `model.kwargs` (user code, on purpose)."""
+    """A built-in by name, "package.module:factory" called with `model.kwargs` (user code, on purpose), or
+    hf: the sequence classifier saved in `model.path` (hf.py; its own weights, from safetensors)."""
+    if cfg.arch == "hf":
+        from . import hf
+
+        return hf.load_model(cfg.path)
     if ":" in cfg.arch:
         factory = import_object(cfg.arch, "model.arch")
     elif cfg.arch in ARCHS:
@@ -178,8 +183,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build, load `model.checkpoint` (required), move to `device`/`dtype`, and set eval mode."""
+    """Build, load `model.checkpoint` (required, but for hf: the folder's weights when not set), move to
+    `device`/`dtype`, and set eval mode."""
     model = build_model(cfg)
+    if cfg.arch == "hf" and cfg.checkpoint is None:
+        return model.to(device=device, dtype=dtype).eval()
     if cfg.checkpoint is None or not Path(cfg.checkpoint).is_file():
         where = "is not set" if cfg.checkpoint is None else f"{cfg.checkpoint} not found"
         raise ConfigError(f"model.checkpoint: {where}; run `infl train -c CONFIG` to create it",
@@ -278,6 +286,17 @@ def _plain_kwargs(kwargs: Any) -> Any:
     return json.loads(json.dumps(kwargs, default=list))
 
 
+def weights_sha256(cfg: ModelConfig) -> str:
+    """sha256 of model.checkpoint; for hf without one, of the folder's config.json and safetensors files."""
+    if cfg.checkpoint is not None or cfg.arch != "hf":
+        return sha256_file(Path(cfg.checkpoint))  # type: ignore[arg-type]
+    digest = hashlib.sha256()
+    root = Path(cfg.path)  # type: ignore[arg-type]
+    for path in [root / "config.json", *sorted(root.glob("*.safetensors"))]:
+        digest.update(path.name.encode() + b"\0" + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -307,7 +326,8 @@ def output_width(model: nn.Module, example_x: torch.Tensor) -> int:
     `split.dataset[0][0].unsqueeze(0)`, in eval mode and without grad. The model must return (B, k)
     or (B,) (width 1). A data shape that does not fit the model is a DataError naming both shapes."""
     param = next(model.parameters(), None)
-    x = example_x if param is None else example_x.to(device=param.device, dtype=param.dtype)
+    x = example_x if param is None else example_x.to(device=param.device, dtype=(
+        param.dtype if example_x.is_floating_point() else example_x.dtype))  # token ids stay integers
     was_training = model.training
     try:
         model.eval()

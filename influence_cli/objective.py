@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import LastBlocks
 from .errors import ConfigError, DataError
 
 Task = Literal["classification", "binary", "regression"]
@@ -78,12 +79,15 @@ class ParamSpace:
         return sum(s.numel() for s in self.shapes)
 
     @classmethod
-    def select(cls, model: nn.Module, spec: str | tuple[str, ...]) -> ParamSpace:
-        """`all`, `last_layer` (the parameters of the last module that owns any) or name prefixes."""
+    def select(cls, model: nn.Module, spec: str | tuple[str, ...] | LastBlocks) -> ParamSpace:
+        """`all`, `last_layer` (the parameters of the last module that owns any), name prefixes, or
+        `{last_blocks: K}` (last_blocks)."""
         named = [(n, p) for n, p in model.named_parameters()]
         if not named:
             raise DataError("the model has no parameters")
-        if spec == "all":
+        if isinstance(spec, LastBlocks):
+            chosen = last_blocks(model, spec)
+        elif spec == "all":
             chosen = [n for n, _ in named]
         elif spec == "last_layer":
             owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
@@ -157,6 +161,30 @@ class Problem:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def last_blocks(model: nn.Module, spec: LastBlocks) -> list[str]:
+    """The parameters of the last K transformer blocks (hf.blocks: the longest ModuleList of one block type) and
+    every parameter after them (the head: pooler and classifier), in model order; `linear_only`: of nn.Linear
+    layers only."""
+    from .hf import blocks
+
+    name, layers = blocks(model)
+    k = spec.last_blocks
+    if k > len(layers):
+        raise ConfigError(f"params.last_blocks: {k} is more than the model's {len(layers)} blocks ({name})",
+                          hint=f"use 0 .. {len(layers)}")
+    names = [n for n, _ in model.named_parameters()]
+    inside = [i for i, n in enumerate(names) if _matches(n, name)]
+    first = [i for i, n in enumerate(names) if _matches(n, f"{name}.{len(layers) - k}")] if k else []
+    start = first[0] if first else inside[-1] + 1
+    chosen = names[start:]
+    if spec.linear_only:
+        chosen = [n for n in chosen if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.Linear)]
+    if not chosen:
+        raise ConfigError(f"params.last_blocks: {k} selects no parameter (nothing follows {name})",
+                          hint="raise last_blocks, or use a list of parameter-name prefixes")
+    return chosen
 
 
 def _matches(name: str, prefix: str) -> bool:
