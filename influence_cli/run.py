@@ -30,7 +30,7 @@ from .config import Config
 from .data import CastLoader, Split, load_split, make_loader, validate_labels
 from .errors import ConfigError
 from .gradients import GradientSource
-from .models import build_model, load_model, output_width, resolve_device, sha256_file
+from .models import build_model, load_model, output_width, resolve_device, weights_sha256
 from .objective import Objective, ParamSpace, Problem
 from .scores import self_influence
 from .solvers import Factored, Solver, make_solver
@@ -136,7 +136,7 @@ class Run:
             sha = None
         else:
             model = load_model(cfg.model, device, dtype)
-            sha = sha256_file(cfg.model.checkpoint)
+            sha = weights_sha256(cfg.model)  # checkpoint, or an hf folder's own weights
         width = output_width(model, train.dataset[0][0].unsqueeze(0).to(device=device, dtype=dtype))
         for split in (train, test):
             if split is not None:

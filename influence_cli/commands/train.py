@@ -20,6 +20,10 @@ from ..train import POLISH_ITERATIONS, fit
 
 def train(run: Run) -> Report:
     """Train every parameter of the run's fresh model, polish the selected ones, write model.checkpoint."""
+    if run.cfg.model.arch == "hf":  # fine-tune the selected parameters of a pretrained folder
+        from .train_hf import train as fine_tune
+
+        return fine_tune(run)
     cfg, problem = run.cfg, run.problem
     if cfg.model.checkpoint is None:
         raise ConfigError("model.checkpoint: required by `infl train` (where to write the weights)")

@@ -48,10 +48,12 @@ from .ekfac_layers import (
     Layer,
     capture,
     chunks,
+    counted,
     features,
     find_layers,
     fitted,
     plan,
+    position_mask,
     pseudo_gradients,
     quadratic_form,
     sum_squared_projections,
@@ -110,7 +112,7 @@ class EkfacSolver:
                 for layer, a, gs in zip(layers, feats, pseudo, strict=True):
                     a64 = a.reshape(-1, a.shape[2]).double()
                     layer.a_cov += a64.T @ a64
-                    layer.positions += a64.shape[0]
+                    layer.positions += counted(a, position_mask(problem, x))  # padded tokens do not count
                     g64 = gs.reshape(-1, gs.shape[-1]).double()
                     layer.s_cov += g64.T @ g64
                 done = _tick(progress, done + len(x), total)

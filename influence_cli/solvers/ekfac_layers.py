@@ -190,12 +190,31 @@ def pseudo_gradients(problem: Problem, layers: list[Layer], records: Captured,
         cot = _cotangents(problem, out, mode, samples, gen)
         s_list = [records.single(layer.path).output for layer in layers]
         grads = _pullback(out, s_list, cot.reshape(cot.shape[0], *out.shape))
-        feats = [features(layer, records) for layer in layers]
+        mask = position_mask(problem, x)
+        feats = [masked(features(layer, records), mask) for layer in layers]
         pseudo = [layer.out_grads(g.flatten(0, 1)).unflatten(0, g.shape[:2]) if g is not None
                   else a.new_zeros(cot.shape[0], *a.shape[:2], layer.shape()[0])
                   for layer, a, g in zip(layers, feats, grads, strict=True)]
         records.clear()
         yield x, feats, pseudo
+
+
+def position_mask(problem: Problem, x: Tensor) -> Tensor | None:
+    """(B, T) bool: the real positions of a batch of padded sequences, from a model that says which
+    (`model.position_mask(x)`, hf.py); None (every position counts) for every other model."""
+    fn = getattr(problem.model, "position_mask", None)
+    return fn(x) if callable(fn) else None
+
+
+def masked(a: Tensor, mask: Tensor | None) -> Tensor:
+    """Features (B, T, in') with padded positions zeroed, so A is the mean over real positions only (their
+    output gradients are zero already: padding changes no row's G). Layers seeing one vector per row: as given."""
+    return a if mask is None or a.shape[1] != mask.shape[1] else a * mask[:, :, None].to(a.dtype)
+
+
+def counted(a: Tensor, mask: Tensor | None) -> int:
+    """The positions of features `a` (B, T, in') that count toward A: the real ones (see `masked`)."""
+    return a.shape[0] * a.shape[1] if mask is None or a.shape[1] != mask.shape[1] else int(mask.sum())
 
 
 def _pullback(out: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor | None]:
