@@ -78,6 +78,7 @@ def folder(path: Path | None, key: str = "model.path") -> Path:
 
 
 def load_tokenizer(path: Path | None) -> Any:
+    transformers()  # the missing extra first: it is the fix the user needs before any other
     where = folder(path)
     with offline() as tf:
         try:
@@ -99,6 +100,7 @@ def max_positions(path: Path | None, tokenizer: Any) -> int:
 def load_model(path: Path | None) -> nn.Module:
     """AutoModelForSequenceClassification from the folder (safetensors, offline, eager attention), with
     forward(x) over the packed batch and position_mask(x)."""
+    transformers()
     where = folder(path)
     if not any(where.glob("*.safetensors")):
         pickles = [p.name for p in where.glob("*.bin")]
