@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from . import distributed
 from .errors import DataError
 from .layers import capture
 from .objective import Problem
@@ -148,7 +149,8 @@ class GradientSource:
         theta, rest = self._state(vectors.dtype)
         out = torch.zeros_like(vectors)
         done = 0
-        for _, x, y in self.problem.train_loader:
+        rows, split = distributed.part(self.problem.train_loader)  # torchrun: this rank's rows, summed below
+        for _, x, y in rows:
             x, y = x.to(device=device, dtype=vectors.dtype if x.is_floating_point() else x.dtype), y.to(device)
             hv = self._batch_hvp(theta, rest, x, y)
             step = self._vectors_per_call(len(x), vectors.dtype)
@@ -158,6 +160,8 @@ class GradientSource:
             done += len(x)
             if progress is not None:
                 progress(done, self.problem.n)
+        if split:
+            distributed.all_sum(out)
         return out + (self.problem.objective.weight_decay + self.problem.damping) * vectors
 
     def minibatch_hvp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -197,15 +201,20 @@ class GradientSource:
         obj, n, device = self.problem.objective, self.problem.n, self.problem.device
         theta, rest = self._state()
         total = torch.zeros(self.problem.params.size, dtype=torch.float64, device=device)
-        value = 0.0
+        value_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per batch
 
         def batch_loss(th: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             return obj.per_example_loss(self._forward(th, rest, x), y).sum()
 
-        for _, x, y in self.problem.train_loader:
+        rows, split = distributed.part(self.problem.train_loader)  # torchrun: this rank's rows, summed below
+        for _, x, y in rows:
             g, loss = torch.func.grad_and_value(batch_loss)(theta, x.to(device), y.to(device))
             total += self.problem.params.flatten(g).double()
-            value += float(loss)
+            value_sum += loss.detach().double()
+        value = float(value_sum)
+        if split:
+            distributed.all_sum(total)
+            value = distributed.sum_numbers(value)[0]
         flat = self.problem.params.flatten(theta).double()
         total = total / n + obj.weight_decay * flat
         return value / n + float(obj.regularizer(flat)), total
@@ -224,8 +233,9 @@ def linear_head_hessian(source: GradientSource, dtype: torch.dtype, progress: Pr
     p = c_out * width
     hess = torch.zeros(p, p, dtype=dtype, device=problem.device)
     done = 0
+    rows, split = distributed.part(problem.train_loader)  # torchrun: this rank's rows, summed below
     with capture({"head": module}) as seen:
-        for _, x, y in problem.train_loader:
+        for _, x, y in rows:
             seen.clear()
             with torch.no_grad():
                 out = model(x.to(problem.device))
@@ -243,6 +253,8 @@ def linear_head_hessian(source: GradientSource, dtype: torch.dtype, progress: Pr
             done += len(x)
             if progress is not None:
                 progress(done, problem.n)
+    if split:
+        distributed.all_sum(hess)
     hess /= problem.n
     # (class, input) layout -> ParamSpace layout: weight (C, d) row-major, then bias (C,)
     index = torch.arange(p, device=hess.device).view(c_out, width)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import default_collate
 
+from . import distributed
 from .data import CastLoader, Split, TensorRows, make_loader
 from .errors import ConfigError, DataError
 from .gradients import BLOCK_BYTES, GradientSource
@@ -97,8 +98,10 @@ def check_knn(k: int, metric: str) -> None:
 
 def knn_neighbors(problem: Problem, train: Split, test_loader: Batches, rows: Sequence[int], k: int,
                   metric: str) -> Neighbors:
-    """The candidate training rows of each selected test row (`rows`, in that order), see the module doc."""
+    """The candidate training rows of each selected test row (`rows`, in that order), see the module doc.
+    Under torchrun the kNN pass is not split: the ranks other than 0 end here, rank 0 continues alone."""
     check_knn(k, metric)
+    distributed.leave()
     sites, skipped = _sites(problem, metric)
     test = {int(i): ([a[j] for a in h.a], [r[j] for r in h.r])
             for h in _passes(problem, sites, test_loader, metric, params=False) for j, i in enumerate(h.idx.tolist())}

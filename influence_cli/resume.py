@@ -8,6 +8,9 @@ fingerprint, model and objective settings, dtype, device type, seed, batch size,
   the batch size, so a shard sees exactly the batches an uninterrupted run sees there. A shard is
   committed when it finishes; a rerun skips finished shards without reading their rows, and
   computes the missing ones the same way, so its CSVs are byte-identical to an uninterrupted run.
+- under torchrun (`split_shards`): rank r computes the shards of job r of WORLD_SIZE (`job_of`), the
+  ranks meet at a barrier, and rank 0 alone reads every shard (the others exit); the curvature is
+  decided by rank 0 (stored or not), fitted by all ranks together, and stored by rank 0.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .cache import FORMAT, Cache, content_key
 from .config import Config
 from .errors import DataError
@@ -67,6 +72,20 @@ def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, An
     name = fit_name(solver.name, key)
     if isinstance(solver, MemoryChecked):
         solver.check_memory(problem)  # refuse before reading a stored factor that could not be used (direct's is p x p)
+    world = distributed.world()
+    if world is not None:  # torchrun: rank 0 decides, every rank fits (the collectives need all) or reads
+        with cache.lock(name) if world.rank == 0 else nullcontext():
+            stored = cache.get(name) if world.rank == 0 else None
+            if distributed.agree(stored is not None):
+                stored = stored if stored is not None else cache.get(name)
+                if stored is None:
+                    raise DataError(f"torchrun: rank {world.rank} cannot read the fitted curvature rank 0 found in"
+                                    " cache.dir", hint="give every rank the same (shared) cache.dir")
+                return solver.load_state(stored, problem), True
+            solver.fit(problem, progress)
+            if world.rank == 0:
+                cache.put(name, solver.state())
+        return solver, False
     with cache.lock(name):  # concurrent jobs (--shard i/N): the first fits, the others wait and read it
         stored = cache.get(name)
         if stored is not None:
@@ -81,9 +100,19 @@ def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, An
     return solver, False
 
 
-def shard_ranges(n: int, shard_rows: int, batch_size: int) -> list[range]:
+def shard_ranges(n: int, shard_rows: int, batch_size: int, ranks: int = 1) -> list[range]:
+    """Shards of `shard_rows` rows rounded up to whole batches; with `ranks` > 1 (torchrun) no larger
+    than floor(batches / ranks) batches, so that every rank holds at least one shard."""
     size = -(-max(shard_rows, 1) // batch_size) * batch_size
+    if ranks > 1:
+        size = min(size, batch_size * max(1, -(-n // batch_size) // ranks))
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def rank_rows(ranges: list[range], rank: int, ranks: int) -> range:
+    """The contiguous training rows of torchrun rank `rank`: its block of shards (`job_of`)."""
+    mine = [r for k, r in enumerate(ranges) if job_of(k, len(ranges), ranks) == rank]
+    return range(mine[0].start, mine[-1].stop) if mine else range(0, 0)
 
 
 def job_of(shard: int, shards: int, jobs: int) -> int:
@@ -121,6 +150,35 @@ def shards(cache: Cache, name: str, ranges: list[range], compute: Callable[[rang
         if progress is not None:
             progress(rows.stop, total)
         yield rows, value, reused
+
+
+def split_shards(cache: Cache, name: str, ranges: list[range], compute: Callable[[range, int], dict[str, Any]],
+                 progress: Progress | None = None) -> Iterator[tuple[range, dict[str, Any], bool]]:
+    """torchrun's `shards`: this rank computes and commits its own missing shards, the ranks meet, then the
+    ranks other than 0 exit (distributed.RankDone) and rank 0 yields every shard from the cache, computing
+    none (reused = no rank computed it this run). The shards are computed `distributed.alone()`: solves
+    inside them (cg's and lissa's per-row self-influence, rank's test-side solve) use full-data HVPs on this
+    rank, identical on every rank, so the scoring needs no collective until the barrier."""
+    import torch
+
+    world = distributed.world()
+    assert world is not None
+    computed = torch.zeros(len(ranges), dtype=torch.float64)
+    index = {r.start: k for k, r in enumerate(ranges)}
+    with distributed.alone():
+        for rows, _, reused in shards(cache, name, ranges, compute, None, job=(world.rank, world.size)):
+            if not reused:
+                computed[index[rows.start]] = 1.0
+                distributed.fault_hook(world.rank, int(computed.sum()))
+    distributed.all_sum(computed)  # the barrier: every rank's shards are committed
+    parts = [f"{name}/shard-{k:05d}-of-{len(ranges):05d}" for k in range(len(ranges))]
+    missing = [k for k, part in enumerate(parts) if not cache.has(part)]
+    if world.rank == 0 and missing:
+        raise DataError(f"torchrun: rank 0 does not see {len(missing)} of {len(ranges)} shards the other ranks"
+                        " committed", hint="give every rank the same cache.dir on a shared filesystem")
+    distributed.leave()  # ranks other than 0 exit here
+    for rows, value, _ in shards(cache, name, ranges, compute, progress, merge=True):
+        yield rows, value, not bool(computed[index[rows.start]])
 
 
 def _source_digest(arch: str) -> str | None:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import report, resume
+from . import distributed, report, resume
 from .cache import content_key
 from .config import Config
 from .data import CastLoader, Split, load_split, make_loader, validate_labels
@@ -105,12 +105,17 @@ class Run:
         self.warnings: list[str] = []
         self.job: tuple[int, int] | None = None  # --shard i/N: compute only job i's shards, write no report
         self.merge = False  # --merge: compute no shard, read them all from the cache
+        self.ranks = 1  # torchrun's world size (the shard layout follows it; see distributed.py)
+        self.split: dict[str, Any] | None = None  # the manifest's `distributed` block under torchrun
 
     def distribute(self, job: tuple[int, int] | None, merge: bool) -> None:
         """`--shard i/N` or `--merge` (no rendezvous: the jobs meet in the cache folder)."""
         if job is None and not merge:
             return
         option = "--merge" if merge else "--shard"
+        if self.ranks > 1:
+            raise ConfigError(f"{option}: not under torchrun (the ranks already split the rows)",
+                              hint="drop torchrun for job arrays, or drop --shard/--merge under torchrun")
         if not self.cache.enabled:
             raise ConfigError(f"{option}: needs the cache (shards meet in cache.dir)",
                               hint="drop --no-cache / cache.enabled: false, and give every job the same cache.dir")
@@ -122,7 +127,11 @@ class Run:
         """Load data and model (the checkpoint, or a seeded fresh model for `train`), validate the
         labels against the model's output width, and assemble the Problem."""
         timer_start = time.perf_counter()
-        device = resolve_device(cfg.device)
+        distributed.exit_unless_rank_zero(command)  # train, check, explain: rank 0 only under torchrun
+        device = distributed.device_for(cfg.device, resolve_device(cfg.device))
+        env = distributed.environment() if command in distributed.SPLIT_COMMANDS else None
+        if env is not None and env[0] != 0:
+            progress = None  # ranks other than 0 print nothing but errors
         dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         train = load_split(cfg.data.train, "train", cfg.task)
         test = None
@@ -144,11 +153,15 @@ class Run:
         for p in model.parameters():
             p.requires_grad_(False)
         params = ParamSpace.select(model, cfg.params)
-        loader = CastLoader(make_loader(train, cfg.batch_size), dtype)
+        loader: Any = CastLoader(make_loader(train, cfg.batch_size), dtype)
+        ranks, split = 1, None
+        if env is not None:
+            ranks, split, loader = _split_rows(cfg, command, train, loader, device, env)
         problem = Problem(model=model, objective=Objective(cfg.task, cfg.weight_decay), params=params,
                           train_loader=loader, n=train.n, damping=cfg.solver.damping, hessian=cfg.solver.hessian,
                           seed=cfg.seed)
         run = cls(cfg, command, progress, train, test, problem, sha)
+        run.ranks, run.split = ranks, split
         run.timer.phases["load"] = round(time.perf_counter() - timer_start, 4)
         return run
 
@@ -240,7 +253,7 @@ class Run:
 
     # ---- resumable passes -----------------------------------------------------------------------
     def shard_ranges(self) -> list[range]:
-        return resume.shard_ranges(self.train.n, self.cfg.cache.shard_rows, self.cfg.batch_size)
+        return resume.shard_ranges(self.train.n, self.cfg.cache.shard_rows, self.cfg.batch_size, self.ranks)
 
     def shards(self, kind: str, key: dict[str, Any], compute: Callable[[range, PhaseFn | None], dict[str, Any]],
                ) -> Iterator[tuple[range, dict[str, Any], bool]]:
@@ -255,7 +268,15 @@ class Run:
             step = None if tick is None else (lambda d, _t: tick(done + d, n))
             return compute(rows, step)
 
+        if distributed.active():  # torchrun: this rank's shards, a barrier, then rank 0 alone reads them all
+            yield from resume.split_shards(self.cache, name, ranges, run_shard, tick)
+            return
         yield from resume.shards(self.cache, name, ranges, run_shard, tick, job=self.job, merge=self.merge)
+
+    def end_split(self) -> None:
+        """Under torchrun, after the split part of a command (verify's predictions): ranks other than 0
+        exit (RankDone), rank 0 continues alone. A no-op otherwise."""
+        distributed.leave()
 
     def finish_shard(self, computed: int, reused: int) -> Report:
         """The summary of a `--shard i/N` job: which shards it stored; no tables (the merge writes them)."""
@@ -280,6 +301,7 @@ class Run:
     def finish(self, summary: dict[str, Any], tables: dict[str, pd.DataFrame], *, exact_check: bool = False) -> Report:
         """Add the trust figures, cache figures and manifest; warnings collected on the way. A command
         that fits no solver (verify --fix) gets the manifest without the solver's description."""
+        distributed.leave()  # a command that never left the group: the other ranks end here, writing nothing
         solver = self.solver
         if exact_check and solver is not None:
             with self.timer("exact_check"):
@@ -309,9 +331,31 @@ class Run:
             "memory": report.peak_memory(), "summary": summary, "warnings": warnings,
             "run_id": hashlib.sha256(repr((self.command, time.time())).encode()).hexdigest()[:12],
         }
+        if self.split is not None:
+            manifest["distributed"] = self.split
         summary["solver_details"] = described
         summary["phases_seconds"] = self.timer.phases
         return Report(tables, summary, manifest, warnings)
+
+
+def _split_rows(cfg: Config, command: str, train: Split, loader: Any, device: torch.device,
+                env: tuple[int, int, int]) -> tuple[int, dict[str, Any], distributed.SplitLoader]:
+    """Under torchrun: join the group and give the loader this rank's contiguous block of cache shards."""
+    rank, size, _ = env
+    if command != "verify" and not (cfg.cache.enabled and cfg.cache.dir is not None):
+        raise ConfigError(f"torchrun: infl {command} needs the cache (the ranks' shards meet in cache.dir)",
+                          hint="drop --no-cache / cache.enabled: false; with several machines give every rank"
+                               " the same shared cache.dir")
+    ranges = resume.shard_ranges(train.n, cfg.cache.shard_rows, cfg.batch_size, size)
+    if len(ranges) < size:
+        raise ConfigError(f"torchrun: {size} ranks but the {train.n} training rows make only {len(ranges)} batches"
+                          f" of batch_size {cfg.batch_size}", hint="start fewer ranks or lower batch_size")
+    world = distributed.start(device)
+    blocks = [resume.rank_rows(ranges, r, size) for r in range(size)]
+    local = CastLoader(make_loader(train, cfg.batch_size, rows=blocks[rank]), loader.dtype)
+    split = {"world_size": size, "backend": world.backend, "rows_per_rank": [len(b) for b in blocks],
+             "row_ranges": [[b.start, b.stop] for b in blocks], "shards": len(ranges)}
+    return size, split, distributed.SplitLoader(loader, local, blocks[rank])
 
 
 EXACT_CHECK_MAX_P, EXACT_CHECK_ROWS = 5_000, 256

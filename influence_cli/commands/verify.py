@@ -18,10 +18,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..data import CastLoader, make_loader
 from ..errors import ConfigError
 from ..gradients import GradientSource
-from ..groups import group_effects, mean_loss_hvp
+from ..groups import group_effects, mean_loss_change, mean_loss_hvp
 from ..retrain import (
     RetrainResult,
     choose_rows,
@@ -63,6 +64,7 @@ def verify(run: Run, options: VerifyOptions = VerifyOptions()) -> Report:
     test_loader = run.stream(run.test, test_rows)  # type: ignore[arg-type]
     mean_grad = _mean_test_gradient(run, test_loader, len(test_rows))
     predictions = _predictions(run, mean_grad)
+    run.end_split()  # torchrun: the predictions were split over the ranks; rank 0 retrains alone
     predicted, mean_ihvp = predictions[run.damping]
     test_loss = mean_test_loss(run.problem.objective, test_loader)
     shuffled = _shuffled(run)
@@ -115,10 +117,13 @@ def _predictions(run: Run, mean_grad: Tensor) -> dict[float, tuple[np.ndarray, T
         solver = run.fit()
         with run.timer("predict"):
             mean_ihvp = solver.ihvp(mean_grad[None])
-            predicted = np.zeros(run.train.n)
-            for b in GradientSource(run.problem).per_example(run.problem.train_loader, run.train.ids):
-                predicted[b.idx.numpy()] = loss_change_if_removed(mean_ihvp, b.grads, run.train.n)[0].cpu().numpy()
-        predictions[damping] = (predicted, mean_ihvp[0])
+            predicted = torch.zeros(run.train.n, dtype=torch.float64)
+            rows, split = distributed.part(run.problem.train_loader)  # torchrun: this rank's rows
+            for b in GradientSource(run.problem).per_example(rows, run.train.ids):
+                predicted[b.idx] = loss_change_if_removed(mean_ihvp, b.grads, run.train.n)[0].cpu().double()
+            if split:  # each row is nonzero on one rank only: the sum is exact
+                distributed.all_sum(predicted)
+        predictions[damping] = (predicted.numpy(), mean_ihvp[0])
     run.at_damping(base, base_solver)
     return predictions
 
@@ -153,12 +158,13 @@ def _groups(run: Run, group_map: dict[str, np.ndarray], mean_ihvp: Tensor, test_
     source = GradientSource(run.problem)
     frame = group_effects(run.problem, run.fitted(), mean_ihvp, group_map,
                           lambda: source.per_example(run.problem.train_loader, run.train.ids),
-                          test_hvp=mean_loss_hvp(run.problem, test_loader, t_count))
+                          test_hvp=mean_loss_hvp(run.problem, test_loader, t_count),
+                          test_loss_change=mean_loss_change(run.problem, test_loader, t_count))
     removed = retrain_groups(run.problem, [group_map[g] for g in frame["group"]], test_loss, run.cfg.train,
                              shuffled=shuffled, reference=reference)
     frame["actual_loss_change"] = [r.actual_loss_change for r in removed]
     fits = {order: _group_fit(frame[column], frame["actual_loss_change"])
-            for order, column in (("first_order", "loss_change_if_removed"),
+            for order, column in (("newton", "loss_change_if_removed"), ("first_order", "loss_change_if_removed_1st"),
                                   ("second_order", "loss_change_if_removed_2nd"))}
     return frame, fits
 

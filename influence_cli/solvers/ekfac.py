@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..config import SolverConfig
 from ..errors import DataError
 from ..gradients import GradientSource
@@ -116,6 +117,7 @@ class EkfacSolver:
                     g64 = gs.reshape(-1, gs.shape[-1]).double()
                     layer.s_cov += g64.T @ g64
                 done = _tick(progress, done + len(x), total)
+            distributed.sum_attributes(layers, "a_cov", "s_cov", "positions")  # torchrun: over all ranks
             bad = [layer.path for layer in layers if not bool(torch.isfinite(layer.a_cov).all()
                                                               and torch.isfinite(layer.s_cov).all())]
             if bad:
@@ -134,6 +136,7 @@ class EkfacSolver:
                     for layer, a, gs in zip(layers, feats, pseudo, strict=True):
                         layer.corrected += sum_squared_projections(layer, a, gs)
                     done = _tick(progress, done + len(x), total)
+                distributed.sum_attributes(layers, "corrected")
         self._info = _finish(layers, problem)
         self._info.update(output_factor=mode, correct_eigenvalues=opts.correct_eigenvalues)
         self._layers, self._problem, self._source = layers, problem, GradientSource(problem)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import EkfacConfig
 from ..errors import ConfigError, NotFittedError
 from ..gradients import BLOCK_BYTES
@@ -181,9 +182,13 @@ def chunks(loader: Iterable[tuple[Tensor, Tensor, Tensor]], rows: int) -> Iterat
 def pseudo_gradients(problem: Problem, layers: list[Layer], records: Captured,
                       mode: str, samples: int, rows: int) -> Iterator[tuple[Tensor, list[Tensor], list[Tensor]]]:
     """Per chunk of rows: (x, features per layer (B, T, in'), pseudo-gradients per layer (m, B, T, out)).
-    Sampled cotangents come from a generator seeded with problem.seed, the same draws on every pass."""
-    gen = torch.Generator(device=problem.device).manual_seed(problem.seed)
-    for _, x, _y in chunks(problem.train_loader, rows):
+    Sampled cotangents come from a generator seeded per chunk with (problem.seed, the chunk's first row):
+    the same draws on every pass, and under torchrun on whichever rank holds the chunk. Under torchrun
+    only this rank's rows are visited (distributed.part; the caller sums the statistics)."""
+    gen = torch.Generator(device=problem.device)
+    loader, _ = distributed.part(problem.train_loader)
+    for idx, x, _y in chunks(loader, rows):
+        gen.manual_seed(problem.seed * 1_000_003 + int(idx[0]))  # idx is on the host: no device sync
         records.clear()
         x = x.to(problem.device)
         out = problem.model(x)
