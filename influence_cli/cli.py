@@ -75,15 +75,20 @@ def _interrupted_message() -> str:
 
 
 @contextmanager
-def _run_command(debug: bool) -> Iterator[None]:
-    """The one place errors become exit codes."""
+def _run_command(debug: bool, ui: render.UI | None = None) -> Iterator[None]:
+    """The one place errors become exit codes. `ui`'s status line and bars end (and its warnings print)
+    before any error line."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         _interrupted.clear()
         _resumable.clear()
         previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        try:
+            yield
+        finally:
+            if ui is not None:
+                ui.close()
     except InflError as e:
         if debug:
             raise
@@ -209,7 +214,8 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
     Example: infl selfcheck -c configs/digits.yaml --top 20 --fail-above 0.15
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl selfcheck: reading {config}")
         from . import report
         from .commands.selfcheck import SelfcheckOptions
         from .commands.selfcheck import selfcheck as selfcheck_command
@@ -218,6 +224,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by, gallery=gallery)
         job = _job(shard, merge)
         cfg = _load(config, set_, out, no_cache=no_cache)
+        ui.begin(render.loading_line(cfg, "selfcheck"))
         with ui.progress() as progress:
             run = Run.open(cfg, "selfcheck", progress)
             run.distribute(job, merge)
@@ -263,7 +270,8 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     Example: infl rank -c configs/digits.yaml --test-ids d0022,d0105 --top 5
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl rank: reading {config}")
         from . import report
         from .commands.rank import RankOptions
         from .commands.rank import rank as rank_command
@@ -273,6 +281,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
                               knn_metric=knn_metric, damping_sweep=damping_sweep)
         job = _job(shard, merge)
         cfg = _load(config, set_, out, no_cache=no_cache)
+        ui.begin(render.loading_line(cfg, "rank"))
         with ui.progress() as progress:
             run = Run.open(cfg, "rank", progress, need_test=True)
             run.distribute(job, merge)
@@ -317,7 +326,8 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
     Example: infl verify -c configs/digits.yaml --samples 20 --min-pearson 0.9
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl verify: reading {config}")
         from . import report
         from .commands.fixcheck import FixCheckOptions, fix_check
         from .commands.verify import VerifyOptions, retrain_threads
@@ -327,6 +337,7 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
         if fix is None and (remove or min_gain is not None):
             raise ConfigError("--remove and --min-gain go with --fix FILE", hint="infl fix writes fixes.csv")
         cfg = _load(config, set_, cache=False)
+        ui.begin(render.loading_line(cfg, "verify"))
         with ui.progress() as progress:
             run = Run.open(cfg, "verify", progress, need_test=True)
             with _torch_threads(retrain_threads(run)):
@@ -364,13 +375,15 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     Example: infl fix -c configs/digits.yaml --flagged && infl verify -c configs/digits.yaml --fix reports/digits/fixes.csv
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl fix: reading {config}")
         from . import report
         from .commands.fix import FixOptions
         from .commands.fix import fix as fix_command
 
         options = FixOptions(top=top, flagged=flagged, accept=accept, copy_images=copy_images)
         cfg = _load(config, set_, cache=False)
+        ui.begin(render.loading_line(cfg, "fix"))
         folder = _out_dir(cfg, out)
         result, extra = fix_command(cfg, folder, options)
         files = report.write_atomic(folder, {**result.tables, **extra}, result.manifest)
@@ -392,13 +405,15 @@ def explain(test_id: Annotated[str, typer.Argument(help="The id of one test exam
     Example: infl explain d0022 -c configs/digits.yaml --top 5
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl explain: reading {config}")
         from . import report
         from .commands.explain import ExplainOptions
         from .commands.explain import explain as explain_command
         from .run import Run
 
         cfg = _load(config, set_, out, no_cache=no_cache)
+        ui.begin(render.loading_line(cfg, "explain"))
         with ui.progress() as progress:
             result = explain_command(Run.open(cfg, "explain", progress, need_test=True), ExplainOptions(test_id, top))
         files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
@@ -419,7 +434,8 @@ def report_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Q
     Needs the [report] extra (matplotlib) for its plot. Example: infl report -c configs/digits_images.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl report: reading {config}")
         import pandas as pd
 
         from . import report
@@ -428,6 +444,7 @@ def report_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Q
         from .html_report import render_report
 
         cfg = _load(config, set_, cache=False)
+        ui.begin(render.loading_line(cfg, "report"))
         folder = _out_dir(cfg, out)
         table = (pd.read_csv(folder / "selfcheck.csv", dtype=str, keep_default_na=False, usecols=["id"])
                  if (folder / "selfcheck.csv").is_file() else None)  # render_report names a missing one
@@ -459,7 +476,8 @@ def init(data: Annotated[Path, typer.Argument(help="The training data: a CSV/Par
     Example: infl init data/train.csv --test data/test.csv -c infl.yaml && infl check -c infl.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl init: reading {data}")
         from .init_config import infer_config, write_config
 
         path = write_config(config, infer_config(data, test, model, config_path=config), force)
@@ -481,7 +499,8 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
     Example: infl diff reports/yesterday reports/today --fail-on-new 10
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl diff: reading {old_dir} and {new_dir}")
         from . import report
         from .diff import diff_reports
         from .run import Report
@@ -509,19 +528,18 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     Example: infl train -c configs/digits.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl train: reading {config}")
         from .commands.train import train as train_command
         from .run import Run
 
         cfg = _load(config, set_, cache=False)
+        ui.begin(render.loading_line(cfg, "train"))
         with ui.progress() as progress:
             result = train_command(Run.open(cfg, "train", progress, fresh_model=True))
         ui.finish(result, [Path(result.summary["checkpoint"])])
         if ui.show:
-            s = result.summary
-            ui.out.print(f"trained {s['parameters']} parameters on {s['n']} rows with {s['optimizer']}: "
-                         f"objective {s['objective']:.6g}, gradient norm {s['grad_norm']:.3g} "
-                         f"({'converged' if s['converged'] else 'NOT converged'}) -> {s['checkpoint']}")
+            render.train_lines(ui, result.summary)
     raise typer.Exit(0)
 
 
@@ -535,11 +553,13 @@ def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     Example: infl check -c configs/digits.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug):
+    with _run_command(debug, ui):
+        ui.begin(f"infl check: reading {config}")
         from .commands.check import check as check_command
         from .run import Run
 
         cfg = _load(config, set_, out)
+        ui.begin(render.loading_line(cfg, "check"))
         result = check_command(Run.open(cfg, "check", need_test=cfg.data.test is not None))
         ui.finish(result, [])
         if ui.show:

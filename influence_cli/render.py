@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -65,8 +66,14 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
+# What each phase's progress counts (a phase's callback may name its own with unit=...).
+UNITS = {"fit": "steps", "score": "rows", "loo": "rows", "features": "rows", "train": "epochs",
+         "polish": "evaluations", "retrain": "retrains", "groups": "passes", "knn": "rows", "exact_check": "rows"}
+
+
 class UI:
-    """Rendering for one command: progress on stderr (TTY only), tables or JSON on stdout."""
+    """Rendering for one command: a first status line and progress bars on stderr (TTY only, transient),
+    tables or JSON on stdout, warnings on stderr after the command's own lines."""
 
     def __init__(self, quiet: bool, as_json: bool) -> None:
         self.quiet, self.as_json = quiet, as_json
@@ -74,26 +81,70 @@ class UI:
         self.err = stderr_console()
         self._bar: Progress | None = None
         self._tasks: dict[str, Any] = {}
+        self._warnings: list[str] = []
+        self._status: Any = None  # rich Status: the spinner of the first status line
+
+    def begin(self, text: str) -> None:
+        """The first status line (what is loading), at once: a spinner on stderr until the first phase
+        reports progress (a second call updates its text). Only on a terminal and without --quiet / --json (errors stay SPEC's one or two
+        lines on stderr elsewhere)."""
+        if not (self.show and self.err.is_terminal):
+            return
+        if self._status is None:
+            self._status = self.err.status(text, spinner="dots")
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def update(self, phase: str, done: int, total: int | None, **info: Any) -> None:
+        """progress(phase, done, total, unit=..., loss=..., detail=...): the bar of `phase` (rows,
+        epochs, evaluations...), with its ETA and, for training, its loss."""
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if self._bar is None:
+            columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
+                       MofNCompleteColumn(), TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[detail]}"),
+                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+            self._bar = Progress(*columns, console=self.err, transient=True)
+            self._bar.start()
+        unit = str(info.get("unit", UNITS.get(phase, "steps")))
+        detail = info.get("detail") or (f"loss {info['loss']:.4g}" if "loss" in info else "")
+        if phase not in self._tasks:
+            self._tasks[phase] = self._bar.add_task(phase, total=total, unit=unit, detail=detail)
+        self._bar.update(self._tasks[phase], completed=done, total=total, unit=unit, detail=detail)
 
     @contextmanager
     def progress(self) -> Iterator[ProgressFn | None]:
         if self.quiet or not self.err.is_terminal:
             yield None
             return
-        columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=self.err, transient=True) as bar:
-            def update(phase: str, done: int, total: int) -> None:
-                if phase not in self._tasks:
-                    self._tasks[phase] = bar.add_task(phase, total=total)
-                bar.update(self._tasks[phase], completed=done, total=total)
+        try:
+            yield self.update
+        finally:
+            self.stop()
 
-            yield update
+    def stop(self) -> None:
+        """End the status line and bars (they vanish)."""
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar, self._tasks = None, {}
+
+    def close(self) -> None:
+        """At the end of a command, however it ends: the bars go, then the warnings (after the tables)."""
+        self.stop()
+        if not self.quiet:
+            for w in self._warnings:
+                self.err.print(f"warning: {w}")
+        self._warnings = []
 
     def finish(self, result: Report, files: list[Path], extra: dict[str, Any] | None = None) -> None:
-        if not self.quiet:
-            for w in result.warnings:
-                self.err.print(f"warning: {w}")
+        """The JSON document (--json); the warnings print at `close`, after the tables and summary lines."""
+        self.stop()
+        self._warnings = list(result.warnings)
         if self.as_json:
             doc = {**result.summary, **(extra or {}), "files": [str(f) for f in files], "warnings": result.warnings}
             from . import report
@@ -217,3 +268,33 @@ def plain_report(summary: dict[str, Any]) -> Any:
     from .run import Report
 
     return Report({}, summary, {})
+
+
+def loading_line(cfg: Any, command: str) -> str:
+    """The status line of a command that has read its config: what it loads now."""
+    train = cfg.data.train
+    source = getattr(train, "path", None) or getattr(train, "function", None) or train.format
+    data = f"{train.format} {_short(source)}"
+    if command in ("fix", "report"):
+        return f"infl {command}: loading {data}"
+    model = cfg.model
+    weights = "a fresh seeded model" if command == "train" else _short(model.checkpoint or model.path)
+    return f"infl {command}: loading {data}, model {model.arch} ({weights})"
+
+
+def _short(path: Any) -> str:
+    """A path relative to the current folder when it is under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except (ValueError, TypeError, OSError):
+        return str(path)
+
+
+def train_lines(ui: UI, s: dict[str, Any]) -> None:
+    """`infl train`'s summary: what was trained, how far, and how well it fits its training labels."""
+    accuracy = s.get("train_accuracy")
+    fit = f", training accuracy {accuracy:.1%}" if isinstance(accuracy, float) else ""
+    polish = " (head polished on its frozen features)" if s.get("head_only") else ""
+    ui.out.print(f"trained {s['parameters']} parameters on {s['n']} rows with {s['optimizer']}{polish}: "
+                 f"objective {s['objective']:.6g}, gradient norm {s['grad_norm']:.3g} "
+                 f"({'converged' if s['converged'] else 'NOT converged'}){fit} -> {s['checkpoint']}")
