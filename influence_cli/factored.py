@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .errors import DataError
 from .gradients import Block, GradientSource, Progress
-from .layers import Captured, capture
+from .layers import capture
 from .objective import ParamSpace, Problem
 from .solvers.ekfac_layers import Layer, chunks, find_layers, quadratic_form
 from .solvers.ekfac_layers import capture as ekfac_capture
@@ -91,31 +91,40 @@ class FactoredGradients:
                 "per_example_params": list(self.rest.names) if self.rest is not None else []}
 
     def per_example(self, loader: Batches, ids: Sequence[str] | None = None, progress: Progress | None = None,
-                    total: int | None = None) -> Iterator[Block]:
+                    total: int | None = None, *, reuse: bool = False) -> Iterator[Block]:
         """Blocks of per-example gradients (B, p) in the ParamSpace layout, losses, outputs and targets, in loader
-        order, as GradientSource.per_example gives them. DataError naming the rows on a NaN/inf loss or gradient."""
+        order, as GradientSource.per_example gives them; each layer's gradients are written straight into the
+        block. `reuse`: every block's gradients live in one buffer, overwritten by the next block (for a caller
+        done with a block before it asks for the next: no fresh (B, p) allocation per batch). DataError naming
+        the rows on a NaN/inf loss, layer input or output gradient."""
         problem, layers = self.problem, list(self.layers)
-        device, obj = problem.device, problem.objective
-        shapes = dict(zip(problem.params.names, problem.params.shapes, strict=True))
+        device, obj, p = problem.device, problem.objective, problem.params.size
+        slots, start = {}, 0
+        for name, shape in zip(problem.params.names, problem.params.shapes, strict=True):
+            slots[name] = slice(start, start + shape.numel())
+            start += shape.numel()
         step = GradientSource(problem).rows_per_block()
         rest = GradientSource(replace(problem, params=self.rest)) if self.rest is not None else None
-        done = 0
+        done, buffer = 0, None
         for idx, x, y in chunks(loader, step):
             x, y = x.to(device), y.to(device)
-            tensors: dict[str, Tensor] = {}
             with capture({layer.path: layer.module for layer in layers}) as records, torch.enable_grad():
                 out = problem.model(x)
                 losses = obj.per_example_loss(out, y)
                 outs = [records.single(layer.path).output for layer in layers]
                 grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+                if buffer is None or not reuse:
+                    buffer = torch.empty(min(step, len(x)) if not reuse else step, p, dtype=out.dtype, device=device)
+                block = buffer[: len(x)]
+                finite = torch.isfinite(losses.detach())
                 for layer, g in zip(layers, grads, strict=True):
-                    tensors.update(layer.scatter(_layer_grads(layer, records, g), shapes))
+                    finite &= _write_layer(layer, records.single(layer.path).input, g, block, slots)
+            _check_finite(idx, finite, ids)
             if rest is not None:  # outside the hooks (vmap); GradientSource may cut the chunk into several blocks
                 rest_grads = torch.cat([b.grads for b in rest.per_example([(idx, x, y)], ids)])
-                tensors.update(rest.problem.params.unflatten(rest_grads))
-            block = Block(idx, problem.params.flatten(tensors, batched=True), losses.detach(), out.detach(), y)
-            _check_finite(block, ids)
-            yield block
+                for name, part in rest.problem.params.unflatten(rest_grads).items():
+                    block[:, slots[name]] = part.reshape(len(x), -1)
+            yield Block(idx, block, losses.detach(), out.detach(), y)
             done += len(idx)
             if progress is not None:
                 progress(done, total or done)
@@ -146,21 +155,34 @@ def _sites(problem: Problem) -> tuple[list[Layer], list[str]]:
     return list(found.values()), rest
 
 
-def _layer_grads(layer: Layer, records: Captured, g: Tensor | None) -> Tensor:
-    """Per-row gradients (B, out, in') of one layer: sum_t r_t a_t^T from its recorded input and output gradient."""
-    a = layer.features(records.single(layer.path).input)  # (B, T, in')
-    if g is None:  # the layer does not reach the loss
-        return a.new_zeros(a.shape[0], layer.shape()[0], a.shape[2])
-    r = layer.out_grads(g).to(a.dtype)  # (B, T, out)
-    if a.shape[1] == 1:
-        return r[:, 0, :, None] * a[:, 0, None, :]
-    return r.transpose(1, 2) @ a
+def _write_layer(layer: Layer, inputs: Tensor, g: Tensor | None, block: Tensor, slots: dict[str, slice]) -> Tensor:
+    """Write one layer's per-row gradients into `block` (B, p): weight sum_t r_t a_t^T (B, out, in), bias sum_t r_t
+    (B, out), from its recorded input and output gradient (None: the layer does not reach the loss, zeros).
+    Returns which rows had finite factors (B,)."""
+    rows, out = len(block), layer.shape()[0]
+    if g is None:
+        for name in (layer.weight, layer.bias):
+            if name:
+                block[:, slots[name]] = 0
+        return torch.ones(rows, dtype=torch.bool, device=block.device)
+    r = layer.out_grads(g).to(block.dtype)  # (B, T, out)
+    finite = torch.isfinite(r).flatten(1).all(1)
+    if layer.weight:
+        a = Layer(layer.path, layer.module, layer.weight, None).features(inputs)  # (B, T, in), no bias column
+        finite &= torch.isfinite(a).flatten(1).all(1)
+        view = block[:, slots[layer.weight]].view(rows, out, a.shape[2])
+        if a.shape[1] == 1:
+            torch.mul(r[:, 0, :, None], a[:, 0, None, :], out=view)
+        else:
+            view.copy_(r.transpose(1, 2) @ a)
+    if layer.bias:
+        block[:, slots[layer.bias]] = r.sum(1)
+    return finite
 
 
-def _check_finite(block: Block, ids: Sequence[str] | None) -> None:
-    bad = ~torch.isfinite(block.losses) | ~torch.isfinite(block.grads).all(dim=1)
-    if bool(bad.any()):
-        rows = block.idx[bad.cpu()].tolist()[:5]
+def _check_finite(idx: Tensor, finite: Tensor, ids: Sequence[str] | None) -> None:
+    if not bool(finite.all()):
+        rows = idx[~finite.cpu()].tolist()[:5]
         names = [ids[r] if ids is not None else str(r) for r in rows]
         raise DataError(f"loss or gradient is NaN/inf for rows with id {', '.join(names)}",
                         hint="check those rows' features and labels, and that the checkpoint is not diverged")

@@ -31,7 +31,7 @@ from ..data import Split
 from ..errors import ConfigError
 from ..factored import FactoredGradients
 from ..gradients import BLOCK_BYTES, GradientSource
-from ..groups import group_effects, mean_loss_hvp
+from ..groups import group_effects, group_warning, mean_loss_change, mean_loss_hvp
 from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
 from ..run import PhaseFn, Report, Run
 from ..scores import loss_change_if_removed
@@ -67,8 +67,9 @@ def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
             raise ConfigError("--knn: not with --shard/--merge (the kNN pass is not sharded)")
     if run.job is not None:
         run.fit()
-        test = _test_gradients(run, run.test_rows(options.test_ids))
-        scored = _score_all(run, test, min(options.top, run.train.n), _scoring(run))
+        scoring = _scoring(run)
+        test = _test_gradients(run, run.test_rows(options.test_ids), scoring.source)
+        scored = _score_all(run, test, min(options.top, run.train.n), scoring)
         return run.finish_shard(scored["shards"] - scored["reused"], scored["reused"])
     tables, summary = score(run, options)
     if options.damping_sweep:
@@ -111,6 +112,7 @@ class _Test:
     mean_grad: Tensor
     loss: float
     kept: dict[int, Tensor] | None
+    source: Any  # where the test gradients come from (FactoredGradients or GradientSource)
 
 
 def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
@@ -118,14 +120,14 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
     train, n = run.train, run.train.n
     groups = run.group_rows(options.group_by)
     solver = run.fit()
-    test = _test_gradients(run, run.test_rows(options.test_ids))
+    scoring = _scoring(run)
+    test = _test_gradients(run, run.test_rows(options.test_ids), scoring.source)
     k = min(options.top, n)
     found = None
     if options.knn is not None:
         with run.timer("knn"):
             found = knn_neighbors(run.problem, train, test.loader, test.rows, options.knn, options.knn_metric)
     with run.timer("score"):
-        scoring = _scoring(run)
         scored = (_score_knn(run, test, k, found, scoring) if found is not None
                   else _score_all(run, test, k, scoring))
     helpful, harmful, overall, mean_ihvp = scored["helpful"], scored["harmful"], scored["overall"], scored["mean_ihvp"]
@@ -150,7 +152,10 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
             source = GradientSource(run.problem)
             tables["groups.csv"] = group_effects(
                 run.problem, solver, mean_ihvp(), groups, lambda: source.per_example(run.problem.train_loader, train.ids),
-                test_hvp=mean_loss_hvp(run.problem, test.loader, len(test.rows)), progress=run.phase("groups"))
+                test_hvp=mean_loss_hvp(run.problem, test.loader, len(test.rows)),
+                test_loss_change=mean_loss_change(run.problem, test.loader, len(test.rows)), progress=run.phase("groups"))
+            if (line := group_warning(tables["groups.csv"])) is not None:
+                run.warnings.append(line)
     summary: dict[str, Any] = {
         "command": "rank", "n": n, "test_examples": len(test.rows), "parameters": run.problem.params.size,
         "solver": solver.name, "top": k, "mean_test_loss": test.loss / len(test.rows),
@@ -165,7 +170,7 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
     return tables, summary
 
 
-def _test_gradients(run: Run, rows: list[int]) -> _Test:
+def _test_gradients(run: Run, rows: list[int], source: Any) -> _Test:
     """One pass over the selected test rows: their mean gradient and loss, and every gradient (in the
     run's dtype) when the (T, p) block fits the memory budget."""
     p = run.problem.params.size
@@ -175,12 +180,12 @@ def _test_gradients(run: Run, rows: list[int]) -> _Test:
     total = torch.zeros(p, dtype=torch.float64, device=run.device)
     loss = 0.0
     with run.timer("test_gradients"):
-        for block in GradientSource(run.problem).per_example(loader, run.test.ids):  # type: ignore[union-attr]
+        for block in source.per_example(loader, run.test.ids):  # type: ignore[union-attr]
             total += block.grads.double().sum(0)
             loss += float(block.losses.double().sum())
             if keep_all:
                 kept.update(zip(block.idx.tolist(), block.grads, strict=True))
-    return _Test(rows, loader, total / len(rows), loss, kept if keep_all else None)
+    return _Test(rows, loader, total / len(rows), loss, kept if keep_all else None, source)
 
 
 def _block_ihvp(run: Run, test: _Test, block_rows: list[int], with_mean: bool) -> Tensor:
@@ -190,7 +195,7 @@ def _block_ihvp(run: Run, test: _Test, block_rows: list[int], with_mean: bool) -
         grads = torch.stack([test.kept[r] for r in block_rows]).double()
     else:
         sub = run.stream(run.test, block_rows)  # type: ignore[arg-type]
-        got = {r: g for b in GradientSource(run.problem).per_example(sub, run.test.ids)  # type: ignore[union-attr]
+        got = {r: g for b in test.source.per_example(sub, run.test.ids)  # type: ignore[union-attr]
                for r, g in zip(b.idx.tolist(), b.grads, strict=True)}
         grads = torch.stack([got[r] for r in block_rows]).double()
     return run.fitted().ihvp(torch.cat([grads, test.mean_grad[None]]) if with_mean else grads)
@@ -296,19 +301,31 @@ def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: 
     helpful, harmful = _empty_top(count, k)
     overall = torch.zeros(len(rows), dtype=torch.float64)
     grad_sum, loss_sum = torch.zeros(run.problem.params.size, dtype=torch.float64), 0.0
-    for b in source.per_example(run.stream(run.train, rows), run.train.ids, tick, n):
+    reuse = {"reuse": True} if isinstance(source, FactoredGradients) else {}
+    for b in source.per_example(run.stream(run.train, rows), run.train.ids, tick, n, **reuse):
         scores = loss_change_if_removed(held, b.grads, n).cpu()
         if first:
-            g64 = b.grads.double()
-            overall[b.idx - rows.start] = loss_change_if_removed(mean[None], g64, n)[0].cpu()
-            grad_sum += g64.sum(0).cpu()
+            mean_scores, column_sums = _float64_pass(mean, b.grads)
+            overall[b.idx - rows.start] = (mean_scores / n).cpu()
+            grad_sum += column_sums.cpu()
             loss_sum += float(b.losses.double().sum())
-            del g64
         merge_top(helpful, 0, count, scores, b.idx, largest=True)
         merge_top(harmful, 0, count, scores, b.idx, largest=False)
     return {"overall": overall if first else None, "grad_sum": grad_sum if first else None, "loss_sum": loss_sum,
             "helpful_values": helpful[0], "helpful_rows": helpful[1], "harmful_values": harmful[0],
             "harmful_rows": harmful[1]}
+
+
+def _float64_pass(mean: Tensor, grads: Tensor, columns: int = 4096) -> tuple[Tensor, Tensor]:
+    """(grads @ mean (B,), grads summed over rows (p,)), float64, from grads (B, p) in any dtype converted a few
+    thousand columns at a time (no float64 copy of the block)."""
+    scores = torch.zeros(len(grads), dtype=torch.float64, device=grads.device)
+    sums = torch.empty(grads.shape[1], dtype=torch.float64, device=grads.device)
+    for c in range(0, grads.shape[1], columns):
+        part = grads[:, c : c + columns].double()
+        scores += part @ mean[c : c + columns]
+        sums[c : c + columns] = part.sum(0)
+    return scores, sums
 
 
 def merge_top(state: TopK, lo: int, hi: int, scores: Tensor, idx: Tensor, largest: bool) -> None:
