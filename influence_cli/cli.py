@@ -25,7 +25,7 @@ from .errors import ConfigError, InflError
 if TYPE_CHECKING:  # the library imports torch (seconds): commands import it when they run, so --help is instant
     from .run import ProgressFn, Report  # noqa: F401
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
                   "training rows and the rows that help or hurt test predictions.")
 
@@ -570,7 +570,7 @@ def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become SPEC's `error:` lines with exit 2; Ctrl-C is 130."""
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False, prog_name="infl")
     except KeyboardInterrupt:
         render.stderr_console().print("error: interrupted")
         sys.exit(130)

@@ -92,3 +92,16 @@ def test_a_model_that_fits_gets_no_accuracy_warning(capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "-c", "configs/digits.yaml", "--set", f"model.checkpoint={tmp_path / 'm.pt'}",
                              "--set", "train.epochs=30")
     assert code == 0 and "training accuracy" in out and "warning: training accuracy" not in err
+
+
+def test_shell_completion_is_on():
+    done = subprocess.run([sys.executable, "-c", "from influence_cli.cli import main; main()", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--install-completion" in done.stdout and "--show-completion" in done.stdout
+    done = subprocess.run([sys.executable, "-c", "from influence_cli.cli import main; main()", "--show-completion",
+                           "bash"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "complete" in done.stdout and "infl" in done.stdout.lower()
+    env = {**os.environ, "_INFL_COMPLETE": "complete_bash", "COMP_WORDS": "infl selfcheck --rank", "COMP_CWORD": "2"}
+    done = subprocess.run([sys.executable, "-c", "from influence_cli.cli import main; main()"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["--rank-by"]
