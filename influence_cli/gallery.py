@@ -1,4 +1,4 @@
-"""Contact sheets of image rows: the suspects of `selfcheck`, the helpful/harmful strip of `rank` and `explain`.
+"""Contact sheets of image rows: the suspects of `selfcheck`, the helpful/harmful strips of `rank` and `explain`.
 
 Layout is torchvision's `make_grid`; captions are PIL `ImageDraw` text in PIL's own scalable font (no font
 file, nothing downloaded). Small images (8x8 or 16x16 digits) are upscaled by a whole factor with
@@ -77,6 +77,19 @@ def explain_strip(test_image: Tensor, test_caption: str, helpful: Sequence[tuple
     if harmful:
         labels.append((GAP + step * (1 + len(helpful)), "most harmful", HARMFUL))
     return _with_header(sheet, labels, 96)
+
+
+def stacked(rows: Sequence[Image.Image], title: str | None = None) -> Image.Image:
+    """`rows` (PIL images, e.g. explain strips) one under the other, left-aligned, under an optional title."""
+    if not rows:
+        raise ValueError("stacked: no rows")
+    width = max(r.width for r in rows)
+    out = Image.new("RGB", (width, sum(r.height for r in rows) + GAP * (len(rows) - 1)), BACKGROUND)
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height + GAP
+    return _with_header(out, [(GAP, title, TEXT)] if title else [], 96)
 
 
 def images_of(dataset: Any, rows: Sequence[int], mean: Sequence[float] | None = None,

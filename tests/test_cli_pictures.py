@@ -80,3 +80,41 @@ def test_init_then_check_passes(capsys, tmp_path, sample):
     assert run(capsys, "init", str(tmp_path / sample), "-c", str(config))[0] == 2  # never overwrites
     code, out, err = run(capsys, "check", "-c", str(config))
     assert code == 0, err
+
+
+def _pairs(train_ids, test_ids, top, sign):
+    """helpful.csv / harmful.csv rows (rank's columns) pairing each test id with `top` training ids."""
+    records = [(t, "0", r + 1, train_ids[(k * top + r) % len(train_ids)], "1", sign * (top - r) * 1e-3)
+               for k, t in enumerate(test_ids) for r in range(top)]
+    return pd.DataFrame.from_records(records, columns=["test_id", "test_label", "rank", "train_id", "train_label",
+                                                       "loss_change_if_removed"])
+
+
+def test_rank_strips_one_row_per_test_example_helpful_green_harmful_red(tmp_path):
+    from influence_cli.commands.images import rank_strips
+    from influence_cli.config import load_config
+    from influence_cli.data import load_split
+    from influence_cli.gallery import HARMFUL, HELPFUL, TEST
+
+    cfg = load_config(ROOT / "configs" / "digits_images.yaml", [])
+    train = load_split(cfg.data.train, "train", cfg.task)
+    test = load_split(cfg.data.test, "test", cfg.task, classes=train.classes)
+    norms = ((cfg.data.test.mean, cfg.data.test.std), (cfg.data.train.mean, cfg.data.train.std))
+
+    def sheet(count, limit=12):
+        helpful = _pairs(train.ids, test.ids[:count], 3, +1)
+        harmful = _pairs(train.ids[::-1], test.ids[:count], 3, -1)
+        files = rank_strips(test, train, helpful, harmful, 3, *norms, limit=limit)
+        assert list(files) == ["rank_strips.png"]
+        path = tmp_path / f"strips{count}.png"
+        path.write_bytes(files["rank_strips.png"])
+        return Image.open(path).convert("RGB")
+
+    one, two, many = sheet(1), sheet(2), sheet(5, limit=2)
+    assert one.width == two.width and one.width > 6 * 96  # the test image, 3 helpful, 3 harmful
+    assert two.height > 1.8 * (one.height - 30) and many.height == two.height  # a row per test example, capped
+    colours = {c for _, c in one.getcolors(maxcolors=1 << 20)}
+    assert {TEST, HELPFUL, HARMFUL} <= colours  # the frames
+    csv = load_split(load_config(ROOT / "configs" / "digits.yaml", []).data.train, "train", "classification")
+    assert rank_strips(csv, csv, _pairs(csv.ids, csv.ids[:1], 2, 1), _pairs(csv.ids, csv.ids[:1], 2, -1), 2,
+                       (None, None), (None, None)) == {}
