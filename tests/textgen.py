@@ -90,8 +90,8 @@ output: {{dir: {path.parent / 'reports'}}}
     return path
 
 
-def fine_tune(folder: Path, texts: list[str], labels: list[int], epochs: int = 15, lr: float = 1e-2,
-              batch_size: int = 64, seed: int = 0) -> Path:
+def fine_tune(folder: Path, texts: list[str], labels: list[int], epochs: int = 6, lr: float = 1e-3,
+              batch_size: int = 16, seed: int = 0) -> Path:
     """Fine-tune every weight of the folder's model on (texts, labels) with AdamW, with the library's own
     tokenizer and padding (not infl's), and save it back: "a classifier fine-tuned elsewhere"."""
     import torch
