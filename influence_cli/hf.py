@@ -39,6 +39,11 @@ def transformers() -> Any:
     except ImportError as e:
         raise ConfigError(f"model.arch: hf needs the transformers package, which is not installed ({e})",
                           hint=EXTRA_HINT) from None
+    major = str(getattr(tf, "__version__", "0")).split(".")[0]
+    if not major.isdigit() or int(major) < 5:
+        raise ConfigError(f"model.arch: hf needs transformers >= 5 (found {getattr(tf, '__version__', '?')}): "
+                          "earlier versions build the attention mask in a way per-example gradients cannot batch",
+                          hint=EXTRA_HINT)
     return tf
 
 

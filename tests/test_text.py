@@ -173,3 +173,11 @@ def test_last_blocks_selects_the_head_and_the_last_k_blocks():
     assert names("last_layer") == ["head.weight", "head.bias"]
     with pytest.raises(ConfigError, match="params.last_blocks: 4 is more than the model's 3 blocks"):
         ParamSpace.select(model, LastBlocks(4))
+
+
+def test_an_old_transformers_is_refused_naming_the_extra(tmp_path, capsys, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(__version__="4.46.0"))
+    code, _, err = run(capsys, "check", "-c", str(_config(tmp_path)))
+    assert code == 2 and "needs transformers >= 5 (found 4.46.0)" in err and "pip install -e '.[hf]'" in err
