@@ -13,9 +13,17 @@ consumer that needs all rows still sees them); it carries this rank's `local` lo
 ends with the same statistics of all n rows, each counted once. A loader that is not split (a test loader,
 a relabelled copy) is neither split nor reduced.
 
-Lifetime. After the scoring pass (`Run.shards`), or `end_split` for verify, the group is left: ranks
-other than 0 raise `RankDone` (a SystemExit(0): the CLI exits 0 printing nothing), rank 0 continues
-alone, and from then on every reduction point runs single-process on the full loader.
+Lifetime. The fit runs on all ranks together (statistics reduced; eigendecompositions and Cholesky
+factorizations then run identically on every rank, which all hold the same reduced matrix). The scoring
+pass (`Run.shards` -> resume.split_shards) runs each rank `alone()`: its shards need no other rank's
+data, and solves inside them (cg/lissa per-row self-influence, rank's test-side solve) use full-data
+HVPs on that rank, identical on every rank, so no collective can be left unmatched. Then a barrier, and
+the group is left (`leave`; also `Run.end_split` for verify, the kNN pass, and `Run.finish` as a net):
+ranks other than 0 raise `RankDone` (a SystemExit(0): the CLI exits 0 printing nothing), rank 0 merges
+and continues alone, every reduction point then single-process on the full loader.
+
+Failures. A collective that fails (a peer died: gloo sees the closed connection; or INFL_DIST_TIMEOUT
+passed) raises DistributedError, exit 4, naming the rank; finished shards stay in the cache.
 """
 
 from __future__ import annotations
@@ -173,6 +181,14 @@ def _guard(what: str) -> DistributedError:
                                  " the failed rank's own error, if any, is above")
 
 
+def _reason(e: Exception) -> str:
+    """The gist of a backend error: 'Connection reset by peer', not gloo's file:line prefix and advice."""
+    import re
+
+    text = re.sub(r"\[[^\]]*\]:?\d*:?", "", str(e).splitlines()[0] if str(e) else "").strip(" :")
+    return (re.sub(r"\s+", " ", text.split(". ")[0]) or type(e).__name__)[:120]
+
+
 def all_sum(t: Tensor) -> Tensor:
     """Sum `t` over the ranks, in place (no-op when not live); returns t."""
     w = world()
@@ -184,7 +200,7 @@ def all_sum(t: Tensor) -> Tensor:
     try:
         dist.all_reduce(moved, op=dist.ReduceOp.SUM)
     except Exception as e:  # gloo: RuntimeError (peer closed), NCCL: DistBackendError / timeout
-        raise _guard(f"all_reduce ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise _guard(f"all_reduce ({_reason(e)})") from None
     if moved is not t:
         t.copy_(moved)
     return t
@@ -228,7 +244,7 @@ def broadcast(t: Tensor, src: int = 0) -> Tensor:
     try:
         dist.broadcast(moved, src)
     except Exception as e:  # noqa: BLE001
-        raise _guard(f"broadcast ({type(e).__name__})") from None
+        raise _guard(f"broadcast ({_reason(e)})") from None
     if moved is not t:
         t.copy_(moved)
     return t

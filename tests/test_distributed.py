@@ -154,3 +154,6 @@ def test_torchrun_needs_the_cache_and_refuses_shard_options(data, tmp_path):
     zero, one = _ranks(["selfcheck", "-c", cfg, "-o", str(tmp_path / "r"), "--no-cache"])
     assert zero.returncode == one.returncode == 2
     assert zero.stderr.startswith("error: torchrun: infl selfcheck needs the cache")
+    zero, one = _ranks(["selfcheck", "-c", cfg, "-o", str(tmp_path / "r"), "--shard", "0/2"])
+    assert zero.returncode == one.returncode == 2
+    assert zero.stderr.startswith("error: --shard: not under torchrun")
