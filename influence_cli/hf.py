@@ -42,7 +42,8 @@ def transformers() -> Any:
     major = str(getattr(tf, "__version__", "0")).split(".")[0]
     if not major.isdigit() or int(major) < 5:
         raise ConfigError(f"model.arch: hf needs transformers >= 5 (found {getattr(tf, '__version__', '?')}): "
-                          "earlier versions build the attention mask in a way per-example gradients cannot batch",
+                          "infl passes the attention mask in 4-D (its mask builder branches on the values, which vmap "
+                          "cannot batch), which earlier versions do not take",
                           hint=EXTRA_HINT)
     return tf
 
