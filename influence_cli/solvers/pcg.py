@@ -5,9 +5,9 @@ k independent recurrences for A x = b (one per row of b) run in lockstep, so eac
 the columns still active. From x = 0 the first direction is M b; after j steps x minimizes the A-norm error over
 span{M b, (M A) M b, ..., (M A)^(j-1) M b}. A column stops when its relative residual ||r|| / ||b|| <= tol, or on a
 direction of non-positive curvature d^T A d <= 0 (A is not positive definite there: x keeps its value). Residuals
-are the recurrence's (b - A x in exact arithmetic; no extra `hvp` call measures them). With `best`, each column
-returns its iterate of smallest residual instead of its last one (refine.py: on an indefinite A, or in few steps,
-the residual can grow; CG minimizes the A-norm error, which only a positive definite A makes a norm). The step
+are the recurrence's (b - A x in exact arithmetic; no extra `hvp` call measures them). With `best`, each column's
+iterate of smallest residual is kept too (`best_x`; refine.py: on an indefinite A the residual can grow, and CG's
+A-norm error, which it minimizes, is a norm only for a positive definite A). The step
 sizes of one column are the Lanczos coefficients of M A, whose extreme eigenvalues `lanczos_extremes` estimates.
 Cost: `max_iter` `hvp` calls and `max_iter` + 1 `precondition` calls at most; memory ~5 (k, p) arrays.
 """
@@ -28,8 +28,9 @@ class PCGResult:
     stepped); `stalled` (k,) bool: columns stopped by non-positive curvature at their first step (x = 0 there);
     `hvp` calls (`passes`), directions of non-positive curvature met, and the tracked column's step sizes
     (`alphas`, `betas`, for `lanczos_extremes`; they end where that column met non-positive curvature).
-    `negative` (k,) bool: columns that met non-positive curvature (at any step). With `best`: `grew` (k,) bool,
-    columns whose last iterate had a larger residual than the one returned."""
+    `negative` (k,) bool: columns that met non-positive curvature (at any step). With `best`: `best_x` (k, p)
+    and `best_residual` (k,), each column's iterate of smallest residual (x = 0 included), and `grew` (k,) bool,
+    the columns whose last iterate is not that one."""
 
     x: Tensor
     steps: Tensor
@@ -42,6 +43,8 @@ class PCGResult:
     betas: list[float] = field(default_factory=list)
     grew: Tensor | None = None
     negative: Tensor | None = None
+    best_x: Tensor | None = None
+    best_residual: Tensor | None = None
 
 
 def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
@@ -49,7 +52,7 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
         best: bool = False) -> PCGResult:
     """Solve A x = b, A = `hvp` (symmetric, positive definite expected), M = `precondition` (identity when None),
     b (k, p), by at most `max_iter` steps per column from x = 0; `track` names a column whose step sizes are kept;
-    `best` returns each column's iterate of smallest residual (see the module docstring)."""
+    `best` also keeps each column's iterate of smallest residual (see the module docstring)."""
     apply_m = precondition if precondition is not None else torch.clone  # d is updated in place: never b itself
     tiny = torch.finfo(b.dtype).tiny
     b_norm = b.norm(dim=1)
@@ -106,7 +109,7 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
     res.residual = r.norm(dim=1) / b_norm.clamp_min(tiny)
     if best_x is not None:
         res.grew = res.residual > best_res
-        res.x, res.residual = best_x, torch.minimum(res.residual, best_res)
+        res.best_x, res.best_residual = best_x, torch.minimum(res.residual, best_res)
     return res
 
 
