@@ -1,4 +1,10 @@
-"""The solver interface: fit once on a Problem, then apply (H + damping I)^-1 to batches of vectors.
+"""The solver interface: fit once on a Problem, then apply A^-1 to batches of vectors, A = H + damping I.
+
+The matrix is the same for every solver (tests/test_same_matrix.py): H is the Hessian of the training objective
+(`solver.hessian`: exact, or Gauss-Newton), weight decay included; when A is not positive definite the
+saddle-free |A| (eigenvalues by absolute value, floored at 1e-10 x the largest) is inverted instead: exactly by
+direct, by Lanczos in cg, through |Ritz values| in arnoldi; lissa needs A positive definite, and ekfac's
+factored form approximates the Gauss-Newton A (refine then moves it toward A itself, refine.py).
 
 Solvers are built from the config (`make_solver`) and do their heavy work in `fit`, never in
 `__init__`. `ihvp` maps (k, p) -> (k, p). Optional capabilities are runtime-checkable protocols, tested
