@@ -39,7 +39,7 @@ from .sweep import damping_sweep
 
 TopK = tuple[Tensor, Tensor]  # (values (T, k) float64, training rows (T, k) int64)
 SCORING_ENV = "INFL_RANK_SCORING"  # "legacy": the previous scoring path (benchmarks, equality tests)
-SOLVE_BYTES = BLOCK_BYTES // 8  # one solver call on (rows, p) float64 of this size (a solver holds a few copies)
+SOLVE_BYTES = BLOCK_BYTES // 32  # one solver call on (rows, p) float64 of this size (a solver holds a few copies)
 HELD_BYTES = BLOCK_BYTES  # the test-side solves held during one streamed pass, in the run's dtype
 
 
@@ -68,7 +68,7 @@ def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
     if run.job is not None:
         run.fit()
         scoring = _scoring(run)
-        test = _test_gradients(run, run.test_rows(options.test_ids), scoring.source)
+        test = _test_gradients(run, run.test_rows(options.test_ids), scoring)
         scored = _score_all(run, test, min(options.top, run.train.n), scoring)
         return run.finish_shard(scored["shards"] - scored["reused"], scored["reused"])
     tables, summary = score(run, options)
@@ -121,7 +121,7 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
     groups = run.group_rows(options.group_by)
     solver = run.fit()
     scoring = _scoring(run)
-    test = _test_gradients(run, run.test_rows(options.test_ids), scoring.source)
+    test = _test_gradients(run, run.test_rows(options.test_ids), scoring)
     k = min(options.top, n)
     found = None
     if options.knn is not None:
@@ -170,18 +170,19 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
     return tables, summary
 
 
-def _test_gradients(run: Run, rows: list[int], source: Any) -> _Test:
+def _test_gradients(run: Run, rows: list[int], scoring: _Scoring) -> _Test:
     """One pass over the selected test rows: their mean gradient and loss, and every gradient (in the
-    run's dtype) when the (T, p) block fits the memory budget."""
-    p = run.problem.params.size
+    run's dtype) when the (T, p) block fits the memory budget (legacy: BLOCK_BYTES; else one solver
+    call's SOLVE_BYTES, so that kept gradients and held solves never coexist at size)."""
+    p, source = run.problem.params.size, scoring.source
     loader = run.stream(run.test, rows)  # type: ignore[arg-type]
-    keep_all = len(rows) * p * run.dtype.itemsize <= BLOCK_BYTES
+    keep_all = len(rows) * p * run.dtype.itemsize <= (BLOCK_BYTES if scoring.legacy else SOLVE_BYTES)
     kept: dict[int, Tensor] = {}
     total = torch.zeros(p, dtype=torch.float64, device=run.device)
     loss = 0.0
     with run.timer("test_gradients"):
         for block in source.per_example(loader, run.test.ids):  # type: ignore[union-attr]
-            total += block.grads.double().sum(0)
+            total += _float64_pass(None, block.grads)[1]
             loss += float(block.losses.double().sum())
             if keep_all:
                 kept.update(zip(block.idx.tolist(), block.grads, strict=True))
@@ -316,14 +317,15 @@ def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: 
             "harmful_rows": harmful[1]}
 
 
-def _float64_pass(mean: Tensor, grads: Tensor, columns: int = 4096) -> tuple[Tensor, Tensor]:
-    """(grads @ mean (B,), grads summed over rows (p,)), float64, from grads (B, p) in any dtype converted a few
-    thousand columns at a time (no float64 copy of the block)."""
+def _float64_pass(mean: Tensor | None, grads: Tensor, columns: int = 4096) -> tuple[Tensor, Tensor]:
+    """(grads @ mean (B,) (zeros without a mean), grads summed over rows (p,)), float64, from grads (B, p) in any
+    dtype converted a few thousand columns at a time (no float64 copy of the block)."""
     scores = torch.zeros(len(grads), dtype=torch.float64, device=grads.device)
     sums = torch.empty(grads.shape[1], dtype=torch.float64, device=grads.device)
     for c in range(0, grads.shape[1], columns):
         part = grads[:, c : c + columns].double()
-        scores += part @ mean[c : c + columns]
+        if mean is not None:
+            scores += part @ mean[c : c + columns]
         sums[c : c + columns] = part.sum(0)
     return scores, sums
 
