@@ -153,7 +153,7 @@ class EkfacConfig:
     correct_eigenvalues: bool = True  # re-estimate the diagonal in the Kronecker eigenbasis (EK-FAC, not K-FAC)
     output_factor: Literal["auto", "exact", "sample"] = "auto"  # auto: exact when the model has <= 64 outputs
     samples: int = 1  # output_factor sample: Monte-Carlo pseudo-gradients per row
-    refine: int = 2  # ihvp: EK-FAC-preconditioned CG steps on exact HVPs (refine + 1 data passes); 0 = plain EK-FAC
+    refine: int = 4  # ihvp: EK-FAC-preconditioned CG steps on HVPs of A (refine + 1 data passes); 0 = plain EK-FAC
 
     def __post_init__(self) -> None:
         _positive(self, "samples")

@@ -14,7 +14,7 @@ TOL = {"direct": dict(rtol=1e-8, atol=1e-10), "ekfac": dict(rtol=1e-8, atol=1e-1
 # per-solver settings for the contract: tolerances tight enough for TOL (the forward error of an
 # iterative solve is up to condition number x residual); lissa with full-data steps (deterministic)
 SETTINGS = {"cg": dict(cg=CGConfig(tol=1e-10)), "lissa": dict(lissa=LissaConfig(batch_size=10**9, tol=1e-4))}
-# ekfac's ihvp takes a fixed number of preconditioned CG steps (solver.ekfac.refine, default 2), whose step sizes
+# ekfac's ihvp takes a fixed number of preconditioned CG steps (solver.ekfac.refine, default 4), whose step sizes
 # depend on v: linear only up to each solve's remaining error, bounded here relative to max |ihvp| (measured
 # <= 0.2% on these cases); its factored form M v is linear to round-off
 NONLINEAR = {"ekfac": 5e-3}
