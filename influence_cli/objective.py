@@ -106,6 +106,15 @@ class ParamSpace:
         shapes = dict(named)
         return cls(tuple(chosen), tuple(shapes[n].shape for n in chosen))
 
+    def by_module(self) -> dict[str, int]:
+        """Selected parameter count per owning module (classifier: 99, bert.encoder.layer.1.output.dense: 2080),
+        in model order: what `infl check` shows for a selection."""
+        counts: dict[str, int] = {}
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            module = name.rpartition(".")[0] or "(model)"
+            counts[module] = counts.get(module, 0) + shape.numel()
+        return counts
+
     def values(self, model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Detached copies of the selected parameters (optionally cast)."""
         params = dict(model.named_parameters())

@@ -181,3 +181,8 @@ def test_an_old_transformers_is_refused_naming_the_extra(tmp_path, capsys, monke
     monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(__version__="4.46.0"))
     code, _, err = run(capsys, "check", "-c", str(_config(tmp_path)))
     assert code == 2 and "needs transformers >= 5 (found 4.46.0)" in err and "pip install -e '.[hf]'" in err
+
+
+def test_selected_parameters_by_module():
+    model = MaskedSeq(dim=4, classes=3, blocks=2)
+    assert ParamSpace.select(model, LastBlocks(1)).by_module() == {"blocks.1": 20, "norm": 8, "head": 15}
