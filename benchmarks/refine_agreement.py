@@ -10,6 +10,7 @@ of one HVP pass of those test rows over the training rows (so refine r costs abo
 
     .venv/bin/python benchmarks/refine_agreement.py                       # hidden 32, 64, 128 (2.4k-9.6k params)
     .venv/bin/python benchmarks/refine_agreement.py --hidden 32 --test-rows 5 --refine 0,1,2,4
+    .venv/bin/python benchmarks/refine_agreement.py --hidden 32 --activation relu --optimizer adam   # not converged
 """
 
 from __future__ import annotations
@@ -38,16 +39,18 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def config_file(work: Path, hidden: int, damping: float) -> Path:
-    path = work / f"mlp{hidden}.yaml"
+def config_file(work: Path, hidden: int, damping: float, activation: str = "tanh", optimizer: str = "lbfgs") -> Path:
+    tag = "" if (activation, optimizer) == ("tanh", "lbfgs") else f"_{activation}_{optimizer}"
+    path = work / f"mlp{hidden}{tag}.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"arch": "mlp", "kwargs": {"in_features": 64, "hidden": [hidden], "num_classes": 10,
-                                            "activation": "tanh"}, "checkpoint": str(work / f"mlp{hidden}.pt")},
+                                            "activation": activation}, "checkpoint": str(work / f"mlp{hidden}{tag}.pt")},
         "weight_decay": 0.01, "params": "all",
         "data": {"train": {"format": "csv", "path": str(DIGITS / "train.csv"), "label": "label", "id": "id", "carry": ["source"]},
                  "test": {"format": "csv", "path": str(DIGITS / "test.csv"), "label": "label", "id": "id", "carry": ["source"]}},
         "solver": {"name": "direct", "damping": damping, "hessian": "exact"},
-        "train": {"optimizer": "lbfgs", "epochs": 1000},
+        "train": ({"optimizer": "lbfgs", "epochs": 1000} if optimizer == "lbfgs"
+                  else {"optimizer": optimizer, "epochs": 100, "lr": 0.01, "polish": False}),
         "cache": {"enabled": False}, "output": {"dir": str(work / "out")}}))
     return path
 
@@ -120,14 +123,16 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=0.001)
     parser.add_argument("--work", default="/tmp/refine_agreement")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--activation", default="tanh", help="relu with --optimizer adam: a model not at a minimum")
+    parser.add_argument("--optimizer", default="lbfgs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for hidden in [int(h) for h in args.hidden.split(",")]:
-        print(f"MLP 64-{hidden}-10 tanh")
-        rows += bench(config_file(work, hidden, args.damping), args.test_rows,
+        print(f"MLP 64-{hidden}-10 {args.activation}, {args.optimizer}")
+        rows += bench(config_file(work, hidden, args.damping, args.activation, args.optimizer), args.test_rows,
                       [int(r) for r in args.refine.split(",")], args.solvers.split(","))
     frame = pd.DataFrame(rows)
     print(frame.pivot_table(index="solver", columns="p", values="spearman_mean", sort=False).round(3).to_markdown())

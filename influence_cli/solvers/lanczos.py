@@ -58,7 +58,7 @@ def abs_solve(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: fl
     steps = torch.zeros(k, dtype=torch.long, device=b.device)
     converged = b_norm == 0
     negative = torch.zeros(k, dtype=torch.bool, device=b.device)
-    y_prev: list[Tensor | None] = [None] * k
+    coeffs = b.new_zeros(k, max_iter)  # y = f(T_m) e_1 of each column, padded with zeros
     schedule: list[Tensor] = []  # the active columns of each step, for the second sweep
     q = b / b_norm.clamp_min(torch.finfo(b.dtype).tiny)[:, None]
     q_prev = torch.zeros_like(b)
@@ -80,13 +80,9 @@ def abs_solve(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: fl
         broke = beta <= 1e-13 * scale.clamp_min(torch.finfo(b.dtype).tiny)
         q[active] = w / beta.clamp_min(torch.finfo(b.dtype).tiny)[:, None]
         y, neg = _coefficients(alphas[active], betas[active], j + 1)
-        done = broke.clone()
-        for i, col in enumerate(active.tolist()):
-            old = y_prev[col]
-            change = (y[i] - torch.cat([old, old.new_zeros(1)])).norm() if old is not None else y[i].norm()
-            if old is not None and float(change) <= tol * float(y[i].norm()):
-                done[i] = True
-            y_prev[col] = y[i]
+        change = (y - coeffs[active, : j + 1]).norm(dim=1)  # the previous y, padded with a zero
+        done = broke | ((change <= tol * y.norm(dim=1)) if j else torch.zeros_like(broke))
+        coeffs[active, : j + 1] = y
         negative[active] = neg
         converged[active[done]] = True
         active = active[~done]
@@ -96,9 +92,8 @@ def abs_solve(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: fl
     q_prev = torch.zeros_like(b)
     passes = len(schedule)
     for j, cols in enumerate(schedule):
-        coef = torch.stack([y_prev[c][j] for c in cols.tolist()]) * b_norm[cols]  # type: ignore[index]
-        x[cols] += coef[:, None] * q[cols]
-        if j == len(schedule) - 1 or all(int(steps[c]) <= j + 1 for c in cols.tolist()):
+        x[cols] += (coeffs[cols, j] * b_norm[cols])[:, None] * q[cols]
+        if j == len(schedule) - 1 or bool((steps[cols] <= j + 1).all()):
             continue
         w = hvp(q[cols])
         passes += 1
