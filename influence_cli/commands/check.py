@@ -39,7 +39,10 @@ def check(run: Run) -> Report:
         estimates_by_solver[solver_name] = {
             "memory_bytes": cost.memory_bytes, "fit_seconds": _round(fits[solver_name]), "note": cost.note}
     n_test = run.test.n if run.test else None
-    phases = phase_estimates(name, cfg.solver, units, fits.get(name) or 0.0, n_test)
+    try:
+        phases = phase_estimates(name, cfg.solver, units, fits.get(name) or 0.0, n_test)
+    except ConfigError as e:  # the configured solver cannot run on this model: its estimate says why
+        phases = {"not_applicable": e.message}
     warnings = []
     refine = phases.get("refine")
     if refine and refine["seconds"] > max(REFINE_DOMINATES * phases["rank_seconds"], REFINE_WARN_SECONDS):
