@@ -135,7 +135,7 @@ def main() -> None:
         rows += bench(config_file(work, hidden, args.damping, args.activation, args.optimizer), args.test_rows,
                       [int(r) for r in args.refine.split(",")], args.solvers.split(","))
     frame = pd.DataFrame(rows)
-    print(frame.pivot_table(index="solver", columns="p", values="spearman_mean", sort=False).round(3).to_markdown())
+    print(frame.pivot_table(index="solver", columns="p", values="spearman_mean", sort=False).round(3).to_string())
 
 
 if __name__ == "__main__":

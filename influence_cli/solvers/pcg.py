@@ -29,8 +29,8 @@ class PCGResult:
     `hvp` calls (`passes`), directions of non-positive curvature met, and the tracked column's step sizes
     (`alphas`, `betas`, for `lanczos_extremes`; they end where that column met non-positive curvature).
     `negative` (k,) bool: columns that met non-positive curvature (at any step). With `best`: `best_x` (k, p)
-    and `best_residual` (k,), each column's iterate of smallest residual (x = 0 included), and `grew` (k,) bool,
-    the columns whose last iterate is not that one."""
+    and `best_residual` (k,), each column's iterate of smallest residual (inf where it took no step), and `grew`
+    (k,) bool, the columns whose last iterate is not that one."""
 
     x: Tensor
     steps: Tensor
@@ -64,7 +64,7 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
     res.negative = torch.zeros(len(b), dtype=torch.bool, device=b.device)
     active = (b_norm > 0).nonzero().flatten()
     best_x = torch.zeros_like(b) if best else None
-    best_res = res.first_residual.clone()  # x = 0: residual 1 (0 for b = 0)
+    best_res = torch.where(b_norm > 0, torch.inf, 0.0).to(b.dtype)  # x = 0 is no candidate: the first step is
     for step in range(max_iter):
         active = active[r[active].norm(dim=1) > tol * b_norm[active]]
         if len(active) == 0:
@@ -109,7 +109,7 @@ def pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float,
     res.residual = r.norm(dim=1) / b_norm.clamp_min(tiny)
     if best_x is not None:
         res.grew = res.residual > best_res
-        res.best_x, res.best_residual = best_x, torch.minimum(res.residual, best_res)
+        res.best_x, res.best_residual = best_x, best_res
     return res
 
 
