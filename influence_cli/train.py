@@ -52,8 +52,9 @@ def minimize(model: nn.Module, params: Sequence[nn.Parameter], objective: Object
     weights = torch.ones(n, device=device) if exclude is None else (~exclude.to(device)).to(params[0].dtype)
     correct = [0, 0]  # rows predicted as labelled, rows counted: in the last full evaluation
 
-    def full_objective() -> float:
-        """Accumulate the full objective's gradient into .grad; return its value."""
+    def full_objective(count: bool = False) -> float:
+        """Accumulate the full objective's gradient into .grad; return its value. `count`: also count the
+        rows predicted as labelled (the last evaluation only: it costs a softmax per row)."""
         for p in params:
             p.grad = None
         total = 0.0
@@ -65,7 +66,7 @@ def minimize(model: nn.Module, params: Sequence[nn.Parameter], objective: Object
             loss = (losses * weights[idx].to(losses.dtype)).sum() / n
             loss.backward()
             total += float(loss.detach())
-            if objective.task != "regression":
+            if count and objective.task != "regression":
                 with torch.no_grad():
                     hit = objective.predict(out, y)[0].reshape(-1) == y.reshape(-1).long()
                 correct[0] += int(hit.sum())
@@ -118,7 +119,7 @@ def minimize(model: nn.Module, params: Sequence[nn.Parameter], objective: Object
                 progress(epoch + 1, config.epochs, unit="epochs", loss=summed / max(seen, 1))
         iterations = config.epochs
         model.eval()
-    value = full_objective()
+    value = full_objective(count=True)
     grad_norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
     for p in params:
         p.grad = None

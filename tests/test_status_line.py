@@ -105,3 +105,20 @@ def test_shell_completion_is_on():
     done = subprocess.run([sys.executable, "-c", "from influence_cli.cli import main; main()"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["--rank-by"]
+
+
+def test_selfcheck_of_a_model_that_fits_nothing_warns_in_the_terminal_after_its_summary(capsys, tmp_path):
+    ckpt = tmp_path / "bad.pt"
+    code, _, _ = run_cli(capsys, "train", "-c", "configs/digits.yaml", "--set", f"model.checkpoint={ckpt}", "--set",
+                         "train.optimizer=sgd", "--set", "train.lr=1e-9", "--set", "train.epochs=1", "--set",
+                         "train.polish=false", "--quiet")
+    assert code == 0
+    code, out, err = run_cli(capsys, "selfcheck", "-c", "configs/digits.yaml", "--set", f"model.checkpoint={ckpt}",
+                             "-o", str(tmp_path / "r"), "--no-cache")
+    assert code == 0 and "flagged" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert any("training labels" in w and "fits nothing" in w for w in warnings), err
+    assert any("not at a minimum" in w for w in warnings), err  # the gradient norm at the checkpoint
+    code, out, err = run_cli(capsys, "selfcheck", "-c", "configs/digits.yaml", "--set", f"model.checkpoint={ckpt}",
+                             "-o", str(tmp_path / "r"), "--no-cache", "--quiet")
+    assert code == 0 and out == "" and err == ""
