@@ -9,7 +9,8 @@ Synthetic data: x ~ N(0, I) in 32 dimensions, 10 classes from a random linear te
 an MLP [1536] (p = 66,058: above the exact check's 5,000, so no direct fit, and above selfcheck's
 NEWTON_LOO_MAX_P = 50,000, so the leave-one-out audit is the first-order one: a single-rank Newton pass would
 otherwise dominate, see the README) at a seeded random initialization (timings do not depend on training).
-`--hidden 128` gives p = 5,514 and the Newton audit, which runs on rank 0 alone after the merge. Every run starts with an empty cache folder. On a shared machine the
+`--hidden 128` gives p = 5,514 and the Newton audit, which runs on rank 0 alone after the merge.
+Every run starts with an empty cache folder. On a shared machine the
 figures move with the other load: compare the ratio within one invocation.
 """
 
@@ -52,7 +53,8 @@ def make_data(folder: Path, n: int, hidden: int) -> Path:
     cfg = folder / "scaling.yaml"
     cfg.write_text(
         f"seed: 0\nbatch_size: 512\nweight_decay: 0.001\n"
-        f"model: {{arch: mlp, kwargs: {{in_features: {d}, hidden: [{hidden}], num_classes: {c}}}, checkpoint: {folder}/mlp.pt}}\n"
+        f"model: {{arch: mlp, kwargs: {{in_features: {d}, hidden: [{hidden}], num_classes: {c}}},"
+        f" checkpoint: {folder}/mlp.pt}}\n"
         f"data:\n  train: {{format: tensors, path: {folder}/train.npz, x_key: x, label: y, id: ids}}\n"
         f"  test: {{format: tensors, path: {folder}/test.npz, x_key: x, label: y, id: ids}}\n"
         f"solver: {{name: ekfac}}\ncache: {{shard_rows: 4096}}\n")

@@ -35,6 +35,7 @@ class FixCheckOptions:
 
 def fix_check(run: Run, options: FixCheckOptions) -> Report:
     """Test loss and accuracy before and after applying fixes.csv, each with a retrain; see the module doc."""
+    run.end_split()  # torchrun: nothing here is split (two retrains): rank 0 runs them, the other ranks end
     if run.cfg.task == "regression":
         raise ConfigError("--fix: task regression has no labels to fix")
     rows, new_labels = _read_fixes(run.train, options.fixes)
