@@ -12,9 +12,9 @@ cost of scoring is the (T, p) x (p, B) matmul itself.
 
 Selected parameters outside such layers (LayerNorm, embeddings, a bare tensor, grouped convolutions, a layer called
 more than once per forward, a weight shared with another module) get their per-example gradients from
-gradients.GradientSource over just those parameters. `FactoredGradients.plan` checks the assembled gradients
-against GradientSource's on the first rows of the first batch and declines (callers use GradientSource) when they
-differ: a model that mixes rows in a forward pass (BatchNorm in train mode, a batch mean), a weight also used outside
+gradients.GradientSource over just those parameters. `FactoredGradients.plan` checks the assembled gradients of
+the first rows of the first batch (a batch of 4) against plain autograd on each row alone and declines (callers
+use GradientSource) when they differ: a model that mixes rows in a forward pass (BatchNorm in train mode, a batch mean), a weight also used outside
 its layer (F.linear on it), or anything else the factorization misses.
 
 `ekfac_scored_rows` is EK-FAC's self-influence pass (the quadratic form of ekfac_layers, as the solver's own
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .errors import DataError
 from .gradients import Block, GradientSource, Progress
@@ -41,7 +42,7 @@ from .solvers.ekfac_layers import capture as ekfac_capture
 from .solvers.ekfac_layers import plan as ekfac_plan
 
 Batches = Iterable[tuple[Tensor, Tensor, Tensor]]
-CHECK_ROWS = 4  # rows of the first batch whose factored gradients are checked against GradientSource's
+CHECK_ROWS = 4  # rows of the first batch whose factored gradients are checked against per-row autograd
 CHECK_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}  # max over rows of ||G - G_vmap|| / ||G_vmap||
 
 
@@ -57,7 +58,7 @@ class FactoredGradients:
     @classmethod
     def plan(cls, problem: Problem) -> tuple[FactoredGradients | None, str]:
         """(source, why): the factored source, or None with the reason when no selected parameter sits in a
-        Linear / Conv2d layer or its gradients do not match GradientSource's on the first rows."""
+        Linear / Conv2d layer or its gradients do not match per-row autograd on the first rows."""
         layers, rest_names = _sites(problem)
         if not layers:
             return None, "no selected parameter belongs to a Linear or Conv2d layer"
@@ -78,7 +79,7 @@ class FactoredGradients:
         rest = ParamSpace(tuple(order), tuple(shapes[n] for n in order)) if order else None
         source = cls(problem, tuple(once), rest)
         got = next(source.per_example([(idx, x, y)])).grads
-        ref = torch.cat([b.grads for b in GradientSource(problem).per_example([(idx, x, y)])])
+        ref = _autograd_rows(problem, x.to(problem.device), y.to(problem.device))
         diff = (got.double() - ref.double()).norm(dim=1) / ref.double().norm(dim=1).clamp_min(1e-300)
         err = float(diff.max())
         if not err <= CHECK_TOL.get(ref.dtype, CHECK_TOL[torch.float32]):
@@ -128,6 +129,22 @@ class FactoredGradients:
             done += len(idx)
             if progress is not None:
                 progress(done, total or done)
+
+
+def _autograd_rows(problem: Problem, x: Tensor, y: Tensor) -> Tensor:
+    """The reference for `plan`'s check: each row's gradient (B, p) by plain autograd on a batch of that row alone
+    (no vmap: its first call costs ~160 MB and seconds, which a model without other parameters never needs)."""
+    selected, fixed = problem.params.split(problem.model)
+    rows = []
+    for i in range(len(x)):
+        theta = {n: t.detach().requires_grad_() for n, t in selected.items()}
+        with torch.enable_grad():
+            out = functional_call(problem.model, {**fixed, **theta}, (x[i : i + 1],))
+            loss = problem.objective.per_example_loss(out, y[i : i + 1]).sum()
+            grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
+        rows.append(problem.params.flatten({n: torch.zeros_like(theta[n]) if g is None else g
+                                            for n, g in zip(theta, grads, strict=True)}))
+    return torch.stack(rows)
 
 
 def _sites(problem: Problem) -> tuple[list[Layer], list[str]]:
