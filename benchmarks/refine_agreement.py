@@ -11,6 +11,7 @@ of one HVP pass of those test rows over the training rows (so refine r costs abo
     .venv/bin/python benchmarks/refine_agreement.py                       # hidden 32, 64, 128 (2.4k-9.6k params)
     .venv/bin/python benchmarks/refine_agreement.py --hidden 32 --test-rows 5 --refine 0,1,2,4
     .venv/bin/python benchmarks/refine_agreement.py --hidden 32 --activation relu --optimizer adam   # not converged
+    .venv/bin/python benchmarks/refine_agreement.py --hidden 32 --solvers cg --set weight_decay=0.003   # A indefinite
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ def agreement(train: torch.Tensor, got: torch.Tensor, ref: torch.Tensor) -> tupl
     return float(np.mean(per)), float(np.min(per)), spearman(s.mean(1), r.mean(1))
 
 
-def bench(path: Path, test_rows: int, refines: list[int], solvers: list[str]) -> list[dict]:
+def bench(path: Path, test_rows: int, refines: list[int], solvers: list[str], overrides: list[str]) -> list[dict]:
     cfg = load_config(path)
     if not Path(cfg.model.checkpoint).exists():
-        report = api.train(cfg)
-        print(f"  trained: {report.summary.get('gradient_norm', '?')}")
+        api.train(cfg)
+    cfg = load_config(path, overrides)  # e.g. weight_decay=0.003 on the checkpoint trained at 0.01: A indefinite
     run = Run.open(cfg, "rank", need_test=True)
     problem, source = run.problem, GradientSource(run.problem)
     train = torch.cat([b.grads for b in source.per_example(run.stream(run.train))]).double()
@@ -93,7 +94,7 @@ def bench(path: Path, test_rows: int, refines: list[int], solvers: list[str]) ->
         base = None
         for level in levels:
             over = [f"solver.name={name}"] + ([f"solver.{name}.refine={level}"] if level is not None else [])
-            solver = make_solver(load_config(path, over).solver)
+            solver = make_solver(load_config(path, [*overrides, *over]).solver)
             if base is None:
                 x, fit_s, ihvp_s = timed(solver)
                 base = solver
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--activation", default="tanh", help="relu with --optimizer adam: a model not at a minimum")
     parser.add_argument("--optimizer", default="lbfgs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config overrides after training, for every solver (direct included)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -133,7 +136,7 @@ def main() -> None:
     for hidden in [int(h) for h in args.hidden.split(",")]:
         print(f"MLP 64-{hidden}-10 {args.activation}, {args.optimizer}")
         rows += bench(config_file(work, hidden, args.damping, args.activation, args.optimizer), args.test_rows,
-                      [int(r) for r in args.refine.split(",")], args.solvers.split(","))
+                      [int(r) for r in args.refine.split(",")], args.solvers.split(","), args.overrides)
     frame = pd.DataFrame(rows)
     print(frame.pivot_table(index="solver", columns="p", values="spearman_mean", sort=False).round(3).to_string())
 
