@@ -208,7 +208,11 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               shard: ShardOpt = None, merge: MergeOpt = False,
               gallery: Annotated[str, typer.Option(
                   help="Image data: sheet (suspects.png, the top suspects) | per-class (suspects_<label>.png)"
-                       " | none.")] = "sheet") -> None:
+                       " | none.")] = "sheet",
+              cross_fit: Annotated[int | None, typer.Option(
+                  "--cross-fit", metavar="K", min=2,
+                  help="Suspicion and flags from the out-of-fold outputs of K fresh models trained with the"
+                       " train: recipe (K trainings; for models that memorize their labels).")] = None) -> None:
     """Self-influence of every training example; flags likely label errors (selfcheck.csv, classes.csv).
 
     Example: infl selfcheck -c configs/digits.yaml --top 20 --fail-above 0.15
@@ -221,7 +225,8 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         from .commands.selfcheck import selfcheck as selfcheck_command
         from .run import Run
 
-        options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by, gallery=gallery)
+        options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by, gallery=gallery,
+                                   cross_fit=cross_fit)
         job = _job(shard, merge)
         cfg = _load(config, set_, out, no_cache=no_cache)
         ui.begin(render.loading_line(cfg, "selfcheck"))

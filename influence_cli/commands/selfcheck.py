@@ -54,10 +54,13 @@ class SelfcheckOptions:
     damping_sweep: bool = False
     group_by: str | None = None
     gallery: str = "sheet"  # image data: suspects.png | per-class: one sheet per given label | none
+    cross_fit: int | None = None  # K: out-of-fold outputs of K fresh models (crossfit.py) instead of Newton LOO
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_BY:
             raise ConfigError(f"--rank-by: {self.rank_by!r} is not one of {', '.join(RANK_BY)}")
+        if self.cross_fit is not None and (isinstance(self.cross_fit, bool) or self.cross_fit < 2):
+            raise ConfigError(f"--cross-fit: the number of folds must be >= 2, got {self.cross_fit}")
         if self.gallery not in GALLERIES:
             raise ConfigError(f"--gallery: {self.gallery!r} is not one of {', '.join(GALLERIES)}")
 
@@ -65,6 +68,8 @@ class SelfcheckOptions:
 def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Report:
     """The selfcheck report of an opened run (see the module docstring); under --shard i/N only the
     job's shards of the scored rows, stored in the cache."""
+    if options.cross_fit is not None and (run.job is not None or run.merge):
+        raise ConfigError("--cross-fit: not with --shard/--merge (its K trainings are not sharded)")
     if run.job is not None:
         run.fit()
         rows = _scored_rows(run)
@@ -99,7 +104,7 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     labels = train.labels.numpy().reshape(n).astype(np.int64) if classification else None
     mismatch = pred != labels if classification else None
     with run.timer("audit"):
-        audit = _audit(run, solver, rows, newton=full)
+        audit = _audit(run, solver, rows, newton=full, cross_fit=options.cross_fit if full else None)
     flagged = audit["flags"].flagged if run.cfg.selfcheck.flag_fraction is None else _top_fraction(
         audit["suspicion"], run.cfg.selfcheck.flag_fraction)
     if run.cfg.selfcheck.flag_requires_mismatch and mismatch is not None:
@@ -119,15 +124,16 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     summary: dict[str, Any] = {
         "command": "selfcheck", "n": n, "parameters": problem.params.size, "solver": solver.name,
         "rank_by": options.rank_by, "suspicion_method": audit["method"], "flag_method": audit["flag_method"],
-        "loo_loss_method": "newton" if audit["newton"] else "first_order",
+        "loo_loss_method": audit["loo_method"],
         "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
         "estimated_error_rate": flags.error_rate, "estimated_error_rate_ci90": list(flags.interval),
         "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
     }
-    if classification and float(loss.mean()) < MEMORIZED_LOSS:
+    if classification and float(loss.mean()) < MEMORIZED_LOSS and options.cross_fit is None:
         run.warnings.append(f"the model fits its training labels almost exactly (mean loss {loss.mean():.2g}): what"
                             " it memorized, one fit cannot see, so the flags undercount (benchmarks/label_errors.md);"
-                            " audit a model that cannot memorize (params: last_layer, more weight_decay) as well")
+                            " audit it with `--cross-fit 5` (out-of-fold outputs of 5 fresh models), or a model that"
+                            " cannot memorize (params: last_layer, more weight_decay)")
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
         if summary["train_accuracy"] < 0.5:
@@ -148,29 +154,58 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     return tables, summary
 
 
-def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool) -> dict[str, Any]:
-    """Suspicion and flags (suspicion.py): from the Newton leave-one-out outputs when the solver is
-    factored and the output is at most NEWTON_MAX_CLASSES wide (about C self-influence passes), else
-    from the first-order leave-one-out loss and one forward pass."""
+def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, cross_fit: int | None = None) -> dict[str, Any]:
+    """Suspicion and flags (suspicion.py): from K-fold out-of-fold outputs with `cross_fit` (crossfit.py);
+    else from the Newton leave-one-out outputs when the solver is factored and the output is at most
+    NEWTON_MAX_CLASSES wide (about C self-influence passes), else from the first-order leave-one-out
+    loss and one forward pass."""
     problem, n, task = run.problem, run.train.n, run.cfg.task
-    newton = (newton and isinstance(solver, Factored) and _output_width(run) <= NEWTON_MAX_CLASSES
-              and problem.params.size <= NEWTON_LOO_MAX_P)
-    if newton:
+    newton = (newton and cross_fit is None and isinstance(solver, Factored)
+              and _output_width(run) <= NEWTON_MAX_CLASSES and problem.params.size <= NEWTON_LOO_MAX_P)
+    if cross_fit is not None:
+        from ..crossfit import out_of_fold_outputs
+
+        key = content_key({"base": run.base_key, "folds": cross_fit, "train": repr(run.cfg.train),
+                           "model": repr(run.cfg.model), "seed": run.cfg.seed, "batch_size": run.cfg.batch_size})
+        with run.timer("cross_fit"):
+            stored, _ = run.cache.cached(f"cross-fit-{key}", lambda: {"outputs": torch.from_numpy(out_of_fold_outputs(
+                run.cfg, run.train, problem.objective, run.device, run.dtype, cross_fit, run.progress))})
+        outputs = stored["outputs"].numpy()
+        loo = _held_out_loss(run, outputs)
+        loo_method, source = f"cross_fit({cross_fit})", "oof"
+    elif newton:
         res = loo_loss(problem, solver, progress=run.phase("loo"))
         loo, outputs = res.loo_loss, res.loo_outputs
-        method = SUSPICION_METHOD_REGRESSION if task == "regression" else SUSPICION_METHOD
+        loo_method, source = "newton", "loo"
     else:
         loo = loo_loss_first_order(rows["loss"], rows["si"], n)
         outputs = None if task == "regression" else _train_outputs(run)
-        method = "rank_mean(loss,loo_loss_first_order)" if task == "regression" else SUSPICION_METHOD_FIRST_ORDER
+        loo_method, source = "first_order", "train"
     if task == "regression":
+        method = SUSPICION_METHOD_REGRESSION if source == "loo" else f"rank_mean(loss,{_LOSS_NAME[source]})"
         return {"suspicion": suspicion(rows["loss"], loo), "loo": loo, "flags": flag_residuals(loo),
-                "method": method, "flag_method": FLAG_METHOD_REGRESSION, "newton": newton}
+                "method": method, "flag_method": FLAG_METHOD_REGRESSION, "loo_method": loo_method}
     labels = run.train.labels.numpy().reshape(n).astype(np.int64)
     probs = class_probs(outputs)
+    method = {"loo": SUSPICION_METHOD, "train": SUSPICION_METHOD_FIRST_ORDER,
+              "oof": "rank_mean(loss,oof_loss,oof_margin)"}[source]
+    flag_method = {"loo": FLAG_METHOD, "train": "confident_learning(train_probs)",
+                   "oof": "confident_learning(oof_probs)"}[source]
     return {"suspicion": suspicion(rows["loss"], loo, label_margin(probs, labels)), "loo": loo,
-            "flags": flag_errors(labels, probs, seed=run.cfg.seed), "method": method,
-            "flag_method": FLAG_METHOD if newton else "confident_learning(train_probs)", "newton": newton}
+            "flags": flag_errors(labels, probs, seed=run.cfg.seed), "method": method, "flag_method": flag_method,
+            "loo_method": loo_method}
+
+
+_LOSS_NAME = {"oof": "oof_loss", "train": "loo_loss_first_order"}
+
+
+def _held_out_loss(run: Run, outputs: np.ndarray) -> np.ndarray:
+    """(n,) each row's loss under the out-of-fold outputs (the task's own per-example loss)."""
+    out = torch.from_numpy(outputs)
+    labels = run.train.labels
+    target = labels.to(torch.float64).reshape(out.shape) if run.cfg.task != "classification" else labels.long()
+    with torch.no_grad():
+        return run.problem.objective.per_example_loss(out, target).double().numpy().reshape(-1)
 
 
 def _train_outputs(run: Run) -> np.ndarray:

@@ -1,0 +1,112 @@
+"""Out-of-fold outputs (`selfcheck --cross-fit K`): what a model that never saw a row predicts for it.
+
+For a model that memorizes its training labels (an MLP with little weight decay), one fit cannot tell a
+flipped label it learned from a clean one: the training loss is ~0 for both, and the influence (Newton)
+estimate of leaving a row out sees only the local curvature around the memorizing minimum. Cross-fitting
+asks the question directly, as confident learning does (Northcutt et al. 2021): the rows are split into K
+folds stratified by label (seeded by `seed`), and for each fold a fresh model (the configured
+architecture, initialized with seed + 1 + fold) is trained with the configured recipe (`train:`, the same
+as `infl train`) on the other K - 1 folds; its outputs on the held-out fold are that fold's out-of-fold
+outputs. The removed rows keep n fixed in the objective (weights 0, as `infl verify` retrains), so the
+data term is (K-1)/K of the full one's against the same weight decay.
+
+Cost: K trainings (`infl train` K times on (K-1)/K of the rows) plus one forward pass; memory as
+`infl train`. The checkpoint is not used for the out-of-fold outputs, only to score the training loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .data import CastLoader, Split, make_loader
+from .errors import ConfigError
+from .models import build_model
+from .objective import Objective
+from .train import minimize
+
+ProgressFn = Callable[..., None]  # progress(phase, done, total, **info), the CLI's
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(n,) fold index in 0..folds-1: each label's rows shuffled (seeded) and dealt round-robin, so every
+    fold holds about 1/folds of each class. Regression targets: one stratum."""
+    n = len(labels)
+    if folds < 2 or folds > n:
+        raise ConfigError(f"--cross-fit: must be between 2 and the number of rows ({n}), got {folds}")
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.int64)
+    strata = labels if labels.dtype.kind in "iub" else np.zeros(n, dtype=np.int64)
+    start = 0
+    for value in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == value))
+        out[rows] = (start + np.arange(len(rows))) % folds
+        start += len(rows)
+    return out
+
+
+def out_of_fold_outputs(cfg: Config, split: Split, objective: Objective, device: torch.device,
+                        dtype: torch.dtype, folds: int, progress: ProgressFn | None = None, *,
+                        assignment: np.ndarray | None = None) -> np.ndarray:
+    """(n, C) float64: each row's model output from the fold model that did not train on it. progress
+    gets phase "cross_fit", counting L-BFGS evaluations or epochs over all folds. `assignment`: each row's
+    fold (default: stratified_folds of the labels, seeded by cfg.seed)."""
+    labels = split.labels.numpy().reshape(split.n)
+    fold = assignment if assignment is not None else stratified_folds(
+        labels.astype(np.int64) if objective.task != "regression" else labels, folds, cfg.seed)
+    out: np.ndarray | None = None
+    work = torch.float64 if cfg.train.optimizer == "lbfgs" else dtype
+    for k in range(folds):
+        model = _fresh(cfg, device, work, cfg.seed + 1 + k)
+        exclude = torch.from_numpy(fold == k)
+        generator = torch.Generator().manual_seed(cfg.seed + 1 + k)
+        shuffled = CastLoader(make_loader(split, cfg.batch_size, shuffle=True, generator=generator), work)
+        params = list(model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        minimize(model, params, objective, CastLoader(make_loader(split, cfg.batch_size), work), split.n, cfg.train,
+                 exclude=exclude, shuffled=shuffled,
+                 progress=None if progress is None else _fold_progress(progress, k, folds))
+        for p in params:
+            p.requires_grad_(False)
+        held = _outputs(model, split, cfg.batch_size, work, np.flatnonzero(fold == k))
+        if out is None:
+            out = np.zeros((split.n, held[1].shape[1]))
+        out[held[0]] = held[1]
+    return out if out is not None else np.zeros((0, 1))
+
+
+def _fresh(cfg: Config, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the global RNG
+        torch.manual_seed(seed)
+        return build_model(cfg.model).to(device=device, dtype=dtype).train(False)
+
+
+def _outputs(model: nn.Module, split: Split, batch_size: int, dtype: torch.dtype,
+             rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx_all, outs = [], []
+    device = next(model.parameters()).device
+    keep = torch.zeros(split.n, dtype=torch.bool)
+    keep[torch.from_numpy(rows)] = True
+    with torch.no_grad():
+        for idx, x, _ in CastLoader(make_loader(split, batch_size), dtype):
+            sel = keep[idx]
+            if not bool(sel.any()):
+                continue
+            o: Tensor = model(x[sel.to(x.device)].to(device)).double().cpu()
+            idx_all.append(idx[sel].numpy())
+            outs.append(o.reshape(int(sel.sum()), -1).numpy())
+    if not outs:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 1))
+    return np.concatenate(idx_all), np.concatenate(outs)
+
+
+def _fold_progress(progress: ProgressFn, k: int, folds: int) -> ProgressFn:
+    def tick(done: int, total: int, **info: object) -> None:
+        progress("cross_fit", k * total + done, folds * total, **info)
+
+    return tick
