@@ -107,6 +107,10 @@ def test_check_train_selfcheck_rank_through_the_cli(work, capsys):
                          "--out", str(work / "rank"))
     assert code == 0, err
     assert len(pd.read_csv(work / "rank" / "overall.csv")) == N
+    code, out, err = run(capsys, "rank", "-c", _cfg(work), "--knn", "20", "--knn-metric", "cosine", "--test-ids", "s0",
+                         "--out", str(work / "knn"), "--json")  # FastIF on the pooled representation
+    assert code == 0, err
+    assert len(pd.read_csv(work / "knn" / "helpful.csv")) > 0
 
 
 def test_last_blocks_through_the_cli(work, capsys):
