@@ -4,9 +4,9 @@ and after (one float32 pass of the frozen body for its 512 features, then L-BFGS
 
 The images and labels are random (nothing is downloaded); the network is torchvision's ResNet-18 with
 in_channels 1 and 10 classes at its seeded initialization (the polish's cost does not depend on the
-weights). Two starts: the head at its initialization (random labels: the hardest case, it may use all 200
-iterations) and the head at the optimum on a tenth of the rows (close to its optimum, as `infl train`'s
-adam phase leaves it). "Before" is extrapolated: one full-network evaluation timed on --sample rows, times
+weights). Two label sets, the head from its initialization both times: random labels (the hardest case: L-BFGS
+may use all 200 iterations) and labels that a random linear function of the body's features predicts, 10%
+flipped (closer to real data). "Before" is extrapolated: one full-network evaluation timed on --sample rows, times
 n / sample, times the number of evaluations the polish took. Run:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/head_polish.py [--n 60000] [--sample 512]
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from influence_cli.config import TrainConfig  # noqa: E402
+from influence_cli.head import head_features  # noqa: E402
 from influence_cli.models import resnet18  # noqa: E402
 from influence_cli.objective import Objective, ParamSpace  # noqa: E402
 from influence_cli.train import POLISH_ITERATIONS, polish  # noqa: E402
@@ -76,14 +77,17 @@ def main() -> None:
 
     config = TrainConfig(optimizer="lbfgs", lr=1.0, epochs=POLISH_ITERATIONS)
     cold = copy.deepcopy(model.fc.state_dict())
-    warm_rows = args.n // 10
-    polish(model, names, objective, Rows(x[:warm_rows], y[:warm_rows], args.batch_size), warm_rows, config,
-           args.batch_size)
-    warm = {k: v.float() for k, v in model.fc.state_dict().items()}
+    feats = head_features(model, "fc", Rows(x, y, args.batch_size), args.n, args.batch_size)  # not timed
+    teacher = torch.randn(feats.inputs.shape[1], 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    scores = (feats.inputs - feats.inputs.mean(0)) @ teacher
+    learnable = scores.argmax(1)
+    flip = torch.rand(args.n, generator=torch.Generator().manual_seed(2)) < 0.1
+    learnable[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=torch.Generator().manual_seed(3))
+    del feats, scores
     evals = {}
-    for start, head in (("cold: the head at its initialization", cold),
-                        (f"warm: the head at the optimum on {warm_rows:,} of the rows, as training leaves it", warm)):
-        model.fc.load_state_dict(head)
+    for start, labels in (("random labels (the hardest case)", y),
+                          ("labels a linear function of the features predicts, 10% flipped", learnable)):
+        model.fc.load_state_dict(cold)
         model.float()
         phases: dict[str, list[float]] = {}
 
@@ -91,8 +95,8 @@ def main() -> None:
             phases.setdefault(phase, [time.perf_counter(), 0])[1] = done
 
         wall, cpu = time.perf_counter(), time.process_time()
-        result = polish(model, names, objective, Rows(x, y, args.batch_size), args.n, config, args.batch_size,
-                        progress)
+        result = polish(model, names, objective, Rows(x, labels, args.batch_size), args.n, config,
+                        args.batch_size, progress)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         evals[start] = int(phases["polish"][1])
         features = phases["polish"][0] - (phases["features"][0] if "features" in phases else 0)
