@@ -143,3 +143,16 @@ def test_adam_fine_tunes_the_selected_parameters(work, capsys, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "bert.encoder.layer.1.output.dense.weight" in changed and "classifier.weight" in changed
     assert not any(k.startswith(("bert.embeddings", "bert.encoder.layer.0.")) for k in changed)
+
+
+def test_sentence_pairs_carry_token_types(work, tmp_path):
+    frame = pd.read_csv(work / "train.csv").head(20)
+    frame.assign(second=frame.text.str.split().str[::-1].str.join(" ")).to_csv(tmp_path / "pairs.csv", index=False)
+    cfg = load_config(_cfg(work), [f"data.train.path={tmp_path / 'pairs.csv'}", "data.train.text=[text, second]",
+                                   "data.test=null", "model.checkpoint=null"])
+    run_ = Run.open(cfg, "selfcheck")
+    x = run_.train.dataset[0][0]
+    words = len(frame.text[0].split())
+    assert x.shape == (3, 2 * words + 3)  # [CLS] a [SEP] b [SEP]: ids, mask, token types
+    assert x[2].tolist() == [0] * (words + 2) + [1] * (words + 1)
+    assert run_.train.extra.columns[:2].tolist() == ["text", "second"]
