@@ -137,7 +137,8 @@ def test_rank_overall_is_mean_of_per_test_effects(capsys, cfg, tmp_path):
     helpful = pd.read_csv(tmp_path / "helpful.csv")
     mean = helpful.groupby("train_id")["loss_change_if_removed"].mean()
     overall = pd.read_csv(tmp_path / "overall.csv").set_index("id")["loss_change_if_removed"]
-    np.testing.assert_allclose(overall.loc[mean.index], mean, rtol=1e-6, atol=1e-9)
+    # per-test values come from float32 solves x float32 gradients in a float32 run; overall.csv is float64
+    np.testing.assert_allclose(overall.loc[mean.index], mean, rtol=1e-6, atol=1e-5 * float(np.abs(mean).max()))
 
 
 def test_unknown_test_id_is_exit_2(capsys, cfg, tmp_path):
