@@ -46,7 +46,7 @@ from influence_cli.stats import spearman  # noqa: E402
 DAMPING, WEIGHT_DECAY, BATCH = 1e-3, 1e-3, 256
 
 
-# ---- the workload -----------------------------------------------------------------------------------------------------
+# ---- the workload ------------------------------------------------------------------------------------------------
 def build(work: Path, n: int, test: int, features: int, classes: int, hidden: list[int], epochs: int,
           arch: str) -> Path:
     """Parquet train/test splits, a trained checkpoint and config.yaml in `work`; returns the config path."""
@@ -104,7 +104,7 @@ def infl(config: Path, command: str, out: Path, threads: int, legacy: bool, *ext
             "scoring": manifest["summary"].get("scoring")}
 
 
-# ---- kronfluence (its own process) -----------------------------------------------------------------------------------
+# ---- kronfluence (its own process) -------------------------------------------------------------------------------
 def kronfluence_worker(work: Path, threads: int) -> None:
     """EK-FAC factors and pairwise scores with kronfluence on the workload; prints a JSON line, saves the (T, n)
     scores to work/kronfluence_scores.npy."""
@@ -156,7 +156,7 @@ def kronfluence_worker(work: Path, threads: int) -> None:
                       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 
 
-# ---- agreement ---------------------------------------------------------------------------------------------------------
+# ---- agreement ---------------------------------------------------------------------------------------------------
 def overall_spearman(a: Path, b: Path) -> float:
     left, right = pd.read_csv(a / "overall.csv"), pd.read_csv(b / "overall.csv")
     m = left.merge(right, on="id")
@@ -200,7 +200,7 @@ def kronfluence_agreement(work: Path, after: Path, top: int) -> dict:
             "helpful_top_overlap_mean": round(float(np.mean(overlaps)), 4)}
 
 
-# ---- main --------------------------------------------------------------------------------------------------------------
+# ---- main --------------------------------------------------------------------------------------------------------
 def train_test(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     config = build(work, args.n, args.test, args.features, args.classes, args.hidden, args.epochs, "mlp")

@@ -14,8 +14,8 @@ Selected parameters outside such layers (LayerNorm, embeddings, a bare tensor, g
 more than once per forward, a weight shared with another module) get their per-example gradients from
 gradients.GradientSource over just those parameters. `FactoredGradients.plan` checks the assembled gradients of
 the first rows of the first batch (a batch of 4) against plain autograd on each row alone and declines (callers
-use GradientSource) when they differ: a model that mixes rows in a forward pass (BatchNorm in train mode, a batch mean), a weight also used outside
-its layer (F.linear on it), or anything else the factorization misses.
+use GradientSource) when they differ: a model that mixes rows in a forward pass (BatchNorm in train mode, a batch
+mean), a weight also used outside its layer (F.linear on it), or anything else the factorization misses.
 
 `ekfac_scored_rows` is EK-FAC's self-influence pass (the quadratic form of ekfac_layers, as the solver's own
 `self_influence_blocks`) that also sums the batch's gradient (sum_i G_i = R^T A per layer), so selfcheck gets the

@@ -259,7 +259,8 @@ def test_sharded_and_resumed_rank_on_the_factored_path_equals_one_run(tmp_path, 
     path.write_text(json.dumps(doc))
     monkeypatch.delenv(SCORING_ENV, raising=False)
     ids = ["--test-ids", "1,4,9"]
-    assert run_cli(capsys, "rank", "-c", str(path), "-o", str(tmp_path / "single"), "--no-cache", "--quiet", *ids)[0] == 0
+    single = str(tmp_path / "single")
+    assert run_cli(capsys, "rank", "-c", str(path), "-o", single, "--no-cache", "--quiet", *ids)[0] == 0
     out = str(tmp_path / "sharded")
     for i in range(3):
         assert run_cli(capsys, "rank", "-c", str(path), "-o", out, "--shard", f"{i}/3", *ids)[0] == 0

@@ -217,11 +217,11 @@ def _score_all(run: Run, test: _Test, k: int, scoring: _Scoring) -> dict[str, An
     for start in range(0, t_count, scoring.per_block):
         block_rows = test.rows[start : start + scoring.per_block]
         first, lo, hi = start == 0, start, start + len(block_rows)
-        solve = functools.cache(functools.partial(_held_solves, run, test, block_rows, first, scoring))  # once, if needed
+        solve = functools.cache(functools.partial(_held_solves, run, test, block_rows, first, scoring))  # if asked
         if first:
             out["mean_ihvp"] = lambda solve=solve: solve()[1]  # solved only if asked (groups)
-        key = {"test": run.test.fingerprint, "rows": content_key({"rows": test.rows}), "top": k,  # type: ignore[union-attr]
-               "per_block": scoring.per_block, "start": start,
+        key = {"test": run.test.fingerprint,  # type: ignore[union-attr]
+               "rows": content_key({"rows": test.rows}), "top": k, "per_block": scoring.per_block, "start": start,
                "scoring": "legacy" if scoring.legacy else [scoring.info["gradients"], scoring.info["solves_dtype"]]}
         compute = functools.partial(_score_shard, run, scoring.source, solve, first, hi - lo, k)
         for shard, part, reused in run.shards("rank", key, compute):
