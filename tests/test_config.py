@@ -210,7 +210,7 @@ def test_nesting_bomb_the_size_of_the_cap_fails_fast(cfg_path, alarm):
         start = time.perf_counter()
         with pytest.raises(ConfigError, match=r"nested more than 64 levels deep"):
             load_config(cfg_path)
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < 5.0  # the scanner alone would take minutes; loose for loaded CI
 
 
 def test_brackets_inside_quotes_and_comments_do_not_count(cfg_path):
