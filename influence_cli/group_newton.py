@@ -34,7 +34,10 @@ CHORD_GROUPS of them, largest share first): the gradient of J_U at theta* + x ov
 gradient pass per group), and another solve of the same system, A dx = -grad J_U(theta* + x), so
 x <- x + dx (a chord-Newton step: the Hessian stays the one at theta*; repeated, it converges to the
 retrained minimum), up to CHORD_STEPS times, each time only for the groups whose estimate moved by more
-than CHORD_DONE. gbar.dx follows from the same identity. A group whose last correction still moved its
+than CHORD_DONE. A step (the Newton step included) is kept only if it lowers |grad J_U|: one that raises
+it (a non-convex objective, where the curvature at theta* points the wrong way) is halved up to
+MAX_HALVINGS times and then given back, and the group is marked not converged. gbar.dx follows from the
+same identity. A group whose last correction still moved its
 estimate by more than CHORD_TRUST is far from converged: the caller warns and points to
 `infl verify --groups`.
 """
@@ -60,6 +63,7 @@ CHORD_GROUPS = 32  # at most this many (each costs one gradient pass over every 
 CHORD_STEPS = 4  # chord corrections at most, each only for the groups whose estimate still moves
 CHORD_DONE = 0.02  # a correction under this fraction of the estimate: that group is done
 CHORD_TRUST = 0.1  # the last correction moved the estimate by more than this fraction: not converged
+MAX_HALVINGS = 3  # a step that raised |grad J_U| is halved up to this many times, then given back
 
 
 @dataclass(frozen=True)
@@ -86,30 +90,58 @@ class NewtonSteps:
 def removal_steps(problem: Problem, solver: Solver, member: Tensor, a: Tensor, b: Tensor, d: Tensor,
                   corrections: int = CHORD_STEPS) -> NewtonSteps:
     """The Newton step of removing each group, then up to `corrections` chord corrections for the groups
-    that need them (see the module docstring)."""
+    that need them, each step kept only while it lowers |grad J_U| (see the module docstring)."""
     first = newton_steps(problem, solver, member, a, b, d)
     share = first.curvature_share
     steps, change, converged = first.steps.clone(), first.change.clone(), first.converged.clone()
     correction = torch.zeros_like(first.change)
     iterations = first.iterations
+    last_step, last_change = first.steps.clone(), first.change.clone()  # the step added last, per group
+    norm = b.norm(dim=1)  # |grad J_U| at theta*: g_U / n
+    halvings = torch.zeros(len(share), dtype=torch.long)
+    done = torch.zeros(len(share), dtype=torch.long)
     chosen = [g for g in torch.argsort(share, descending=True).tolist() if float(share[g]) > CHORD_SHARE]
-    chosen = sorted(chosen[:CHORD_GROUPS])
-    for _ in range(corrections):
-        if not chosen:
-            break
-        pick = torch.as_tensor(chosen, device=member.device)
-        remap = torch.full((len(share),), -1, dtype=torch.long, device=member.device)
-        remap[pick] = torch.arange(len(chosen), device=member.device)
-        sub_member = torch.where(member >= 0, remap[member.clamp_min(0)], member)
-        rhs = -objective_gradients_without(problem, member, pick, steps[pick])
-        more = newton_steps(problem, solver, sub_member, a, rhs, _preconditioner(solver)(rhs))
-        steps[pick] += more.steps
-        change[pick] += more.change
-        correction[pick] = more.change
-        converged[pick] &= more.converged
-        iterations += more.iterations
-        moving = (more.change.abs() > CHORD_DONE * change[pick].abs()).tolist()
-        chosen = [g for g, m in zip(chosen, moving, strict=True) if m]
+    active = sorted(chosen[:CHORD_GROUPS])
+    while active:
+        pick = torch.as_tensor(active, device=member.device)
+        grads = objective_gradients_without(problem, member, pick, steps[pick])
+        now = grads.norm(dim=1)
+        solve, keep_going = [], []
+        for j, g in enumerate(active):
+            if float(now[j]) > float(norm[g]):  # the last step overshot: halve it, or give it back
+                converged[g] = False
+                if int(halvings[g]) < MAX_HALVINGS:
+                    halvings[g] += 1
+                    steps[g] -= 0.5 * last_step[g]
+                    change[g] -= 0.5 * last_change[g]
+                    last_step[g] *= 0.5
+                    last_change[g] *= 0.5
+                    correction[g] = last_change[g]
+                    keep_going.append(g)
+                else:
+                    steps[g] -= last_step[g]
+                    change[g] -= last_change[g]
+                continue
+            norm[g] = now[j]
+            moved = float(last_change[g].abs()) > CHORD_DONE * float(change[g].abs())
+            if int(done[g]) < corrections and (int(done[g]) == 0 or moved):
+                solve.append(j)
+        if solve:
+            sub = torch.as_tensor([active[j] for j in solve], device=member.device)
+            remap = torch.full((len(share),), -1, dtype=torch.long, device=member.device)
+            remap[sub] = torch.arange(len(solve), device=member.device)
+            sub_member = torch.where(member >= 0, remap[member.clamp_min(0)], member)
+            rhs = -grads[solve]
+            more = newton_steps(problem, solver, sub_member, a, rhs, _preconditioner(solver)(rhs))
+            iterations += more.iterations
+            steps[sub] += more.steps
+            change[sub] += more.change
+            last_step[sub], last_change[sub] = more.steps, more.change
+            correction[sub] = more.change
+            converged[sub] &= more.converged
+            done[sub.cpu()] += 1
+            keep_going += sub.tolist()
+        active = sorted(keep_going)
     return NewtonSteps(change, steps, share, converged, iterations, correction)
 
 
