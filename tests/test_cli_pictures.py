@@ -51,6 +51,17 @@ def test_explain_writes_the_strip(capsys, images):
     assert strip.width > strip.height * 3  # one row: the test image, 3 helpful, 3 harmful
 
 
+def test_rank_writes_its_strips_for_image_data(capsys, images, tmp_path):
+    cfg, _ = images
+    tests = sorted(p.relative_to(ROOT / "sample_data" / "digits_images" / "test").as_posix()
+                   for p in (ROOT / "sample_data" / "digits_images" / "test").rglob("*.png"))[:3]
+    code, _, err = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path), "--test-ids", ",".join(tests), "--top", "3",
+                       "--quiet")
+    assert code == 0, err
+    strips = Image.open(tmp_path / "rank_strips.png")
+    assert strips.width > strips.height  # three rows of 1 + 3 + 3 tiles
+
+
 def test_report_is_one_self_contained_page(capsys, images):
     cfg, out = images
     code, _, err = run(capsys, "report", "-c", cfg, "-o", str(out), "--quiet")

@@ -35,6 +35,7 @@ from ..groups import group_effects, group_warning, mean_loss_change, mean_loss_h
 from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
 from ..run import PhaseFn, Report, Run
 from ..scores import loss_change_if_removed
+from .images import rank_strips
 from .sweep import damping_sweep
 
 TopK = tuple[Tensor, Tensor]  # (values (T, k) float64, training rows (T, k) int64)
@@ -75,6 +76,11 @@ def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
     if options.damping_sweep:
         summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "overall.csv",
                                                  "loss_change_if_removed", descending=False)
+    with run.timer("strips"):  # image data: rank_strips.png, each test image with its top training images
+        cfg = run.cfg
+        norms = tuple((c.mean, c.std) for c in (cfg.data.test or cfg.data.train, cfg.data.train))
+        tables.update(rank_strips(run.test, run.train, tables["helpful.csv"], tables["harmful.csv"],  # type: ignore[arg-type]
+                                  min(options.top, 8), *norms))
     return run.finish(summary, tables, exact_check=True)
 
 
