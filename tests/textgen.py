@@ -43,18 +43,22 @@ def corpus(n: int, flip: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, np.n
 
 def tiny_bert(folder: Path, texts: list[str], num_labels: int = 3, hidden: int = 32, layers: int = 2,
               seed: int = 0) -> Path:
-    """A BertForSequenceClassification (random weights from `seed`) and a WordPiece tokenizer trained on
-    `texts`, saved with save_pretrained (safetensors) into `folder`."""
+    """A BertForSequenceClassification (random weights from `seed`) and a WordPiece tokenizer whose vocabulary
+    is `texts`' words, saved with save_pretrained (safetensors) into `folder`."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    # the vocabulary: the corpus's words and their characters (as word starts and ## pieces), in a fixed order
+    # (WordPieceTrainer breaks frequency ties differently from run to run, and so would the model)
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))})
+    chars = sorted({c for w in words for c in w})
+    vocab = specials + words + [c for c in chars if c not in words] + [f"##{c}" for c in chars]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
