@@ -36,7 +36,8 @@ x <- x + dx (a chord-Newton step: the Hessian stays the one at theta*; repeated,
 retrained minimum), up to CHORD_STEPS times, each time only for the groups whose estimate moved by more
 than CHORD_DONE. A step (the Newton step included) is kept only if it lowers |grad J_U|: one that raises
 it (a non-convex objective, where the curvature at theta* points the wrong way) is halved up to
-MAX_HALVINGS times and then given back, and the group is marked not converged. gbar.dx follows from the
+MAX_HALVINGS times and then given back (the Newton step itself: replaced by the first-order step d), and
+the group is marked not converged. gbar.dx follows from the
 same identity. A group whose last correction still moved its
 estimate by more than CHORD_TRUST is far from converged: the caller warns and points to
 `infl verify --groups`.
@@ -118,6 +119,8 @@ def removal_steps(problem: Problem, solver: Solver, member: Tensor, a: Tensor, b
                     last_change[g] *= 0.5
                     correction[g] = last_change[g]
                     keep_going.append(g)
+                elif int(done[g]) == 0:  # the Newton step itself failed: the first-order step d instead
+                    steps[g], change[g] = d[g], a @ b[g]
                 else:
                     steps[g] -= last_step[g]
                     change[g] -= last_change[g]
