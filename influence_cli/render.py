@@ -228,6 +228,11 @@ def check_lines(ui: UI, s: dict[str, Any], show_config: bool) -> None:
     """The answer first (sizes, solver, estimates); the resolved config only when asked."""
     ui.out.print(f"train rows: {s['n']}   test rows: {s['n_test']}   device: {s['device']}")
     ui.out.print(f"parameters: {s['parameters']} selected of {s['parameters_total']}")
+    modules = s.get("selected_by_module") or {}
+    if len(modules) > 1:  # which modules the selection covers (last_blocks, prefixes), largest first
+        shown = sorted(modules.items(), key=lambda kv: -kv[1])
+        more = f", and {len(shown) - 12} more modules" if len(shown) > 12 else ""
+        ui.out.print("selected by module: " + ", ".join(f"{m} {c:,}" for m, c in shown[:12]) + more)
     ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
                  f" ~{s['gradient_seconds']} s")
     if s["cache"]["dir"]:

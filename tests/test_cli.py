@@ -247,6 +247,9 @@ def test_check_prints_facts(capsys, cfg):
     assert code == 0 and "config:" in out and out.index("train rows") < out.index("config:")
     code, out, _ = run(capsys, "check", "-c", cfg, "--json")
     assert json.loads(out)["parameters"] == 650
+    assert json.loads(out)["selected_by_module"] == {"linear": 650}
+    code, out, _ = run(capsys, "check", "-c", str(ROOT / "configs" / "digits_mlp.yaml"))
+    assert code == 0 and "selected by module: " in out
 
 
 def test_same_inputs_give_identical_csvs(capsys, cfg, tmp_path):

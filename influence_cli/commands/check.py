@@ -60,7 +60,7 @@ def check(run: Run) -> Report:
         "cache": {"dir": str(run.cache.root) if run.cache.root else None,
                   "fit_cached": run.cache.has(resume.fit_name(name, key))},
         "parameters_total": sum(q.numel() for q in problem.model.parameters()),
-        "selected": list(problem.params.names), "solver": name, "solver_reason": reason, "device": str(run.device),
+        "selected": list(problem.params.names), "selected_by_module": problem.params.by_module(), "solver": name, "solver_reason": reason, "device": str(run.device),
         "gradient_seconds": round(grad_s, 2), "solver_estimates": estimates_by_solver, "phase_estimates": phases,
         "config": cfg.to_dict(),
     }
