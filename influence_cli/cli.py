@@ -194,6 +194,12 @@ SweepOpt = Annotated[bool, typer.Option(help="Also rank at 0.1x and 10x solver.d
                                              " and report how much the ranking moves.")]
 
 
+def _text_columns(cfg: Any) -> list[str]:
+    """The train split's text column(s), shown (cut to render.TEXT_WIDTH) beside the suspects."""
+    text = getattr(cfg.data.train, "text", None)
+    return [] if not text else [text] if isinstance(text, str) else list(text)
+
+
 @app.command()
 def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
               as_json: JsonOpt = False, debug: DebugOpt = False, top: TopOpt = 10,
@@ -244,7 +250,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         if ui.show:
             ui.table(f"most suspect training examples (by {s['rank_by']})", result.tables["selfcheck.csv"],
                      ["rank", "id", "label", "predicted", "suspicion", "self_influence", "flagged",
-                      "suggested_label"], top)
+                      "suggested_label", *_text_columns(cfg)], top)
             render.health_tables(ui, result.tables)
             lo, hi = s["estimated_error_rate_ci90"]
             ui.out.print(f"flagged {s['flagged']} of {s['n']} ({s['flagged_fraction']:.1%}); estimated label error rate"

@@ -173,10 +173,14 @@ def cache_line(ui: UI, summary: dict[str, Any]) -> None:
     ui.out.print(f"cache: {fit}, reused {c.get('shards_reused', 0)} of {c.get('shards', 0)} shards ({c['dir']})")
 
 
+TEXT_WIDTH = 60  # longer strings (text data) are cut in the terminal; the CSV has them whole
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    text = " ".join(str(value).split())  # one line per row
+    return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 1] + "…"
 
 
 def fix_lines(ui: UI, s: dict[str, Any], files: list[Path]) -> None:

@@ -186,3 +186,19 @@ def test_an_old_transformers_is_refused_naming_the_extra(tmp_path, capsys, monke
 def test_selected_parameters_by_module():
     model = MaskedSeq(dim=4, classes=3, blocks=2)
     assert ParamSpace.select(model, LastBlocks(1)).by_module() == {"blocks.1": 20, "norm": 8, "head": 15}
+
+
+def test_terminal_shows_text_cut_to_a_readable_width_and_the_csv_keeps_it_whole():
+    from types import SimpleNamespace
+
+    from influence_cli.cli import _text_columns
+    from influence_cli.render import TEXT_WIDTH, fmt
+
+    long = "a very long review\nthat goes on " + "and on " * 30
+    shown = fmt(long)
+    assert len(shown) == TEXT_WIDTH and shown.endswith("…") and "\n" not in shown
+    assert fmt("short text") == "short text" and fmt(0.123456) == "0.1235"
+    assert _text_columns(SimpleNamespace(data=SimpleNamespace(train=SimpleNamespace(text="review")))) == ["review"]
+    pair = SimpleNamespace(data=SimpleNamespace(train=SimpleNamespace(text=["premise", "hypothesis"])))
+    assert _text_columns(pair) == ["premise", "hypothesis"]
+    assert _text_columns(SimpleNamespace(data=SimpleNamespace(train=SimpleNamespace(text=None)))) == []
