@@ -97,7 +97,8 @@ def refine(hvp: Callable[[Tensor], Tensor], precondition: Callable[[Tensor], Ten
     keep = torch.zeros_like(nonzero)
     grew = (res.residual > res.first_residual) & nonzero  # positive definite: the A-norm error still fell
     if bool(res.negative.any()):  # not positive definite: the iterate of smallest residual, M b included
-        assert res.best_x is not None and res.best_residual is not None and res.grew is not None
+        if res.best_x is None or res.best_residual is None or res.grew is None:  # pcg keeps them with negative
+            raise RuntimeError("internal: pcg reported negative curvature without its best iterate")
         x, after, grew = res.best_x, res.best_residual, res.grew
         keep = (res.first_residual <= after) & nonzero
     if bool(keep.any()):
