@@ -162,7 +162,8 @@ def split_shards(cache: Cache, name: str, ranges: list[range], compute: Callable
     import torch
 
     world = distributed.world()
-    assert world is not None
+    if world is None:  # callers reach here only under torchrun
+        raise RuntimeError("internal: split_shards outside a torchrun process group")
     computed = torch.zeros(len(ranges), dtype=torch.float64)
     index = {r.start: k for k, r in enumerate(ranges)}
     with distributed.alone():
