@@ -513,7 +513,25 @@ def test_a_model_that_fits_nothing_is_warned_about_where_the_user_looks(capsys, 
     torch.save({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "zero.pt")
     code, _, err = run(capsys, "selfcheck", "-c", cfg, "-o", str(tmp_path / "r"), "--no-cache",
                        "--set", f"model.checkpoint={tmp_path / 'zero.pt'}")
-    assert code == 0 and "warning: the model predicts only" in err and "not at a minimum" in err
+    assert code == 0 and "warning: training accuracy" in err and "under 50%" in err and "not at a minimum" in err
+
+
+def test_rank_warns_about_a_model_that_fits_nothing_and_reports_its_accuracy(capsys, cfg, workspace, tmp_path):
+    """rank counts the training rows it predicts right in its scoring pass: under 50% is a warning in the
+    terminal and the manifest; a model that fits is not warned about."""
+    import torch
+
+    state = torch.load(workspace / "data" / "logreg.pt", weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "zero.pt")
+    code, out, err = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path / "r"), "--no-cache", "--json",
+                         "--set", f"model.checkpoint={tmp_path / 'zero.pt'}")
+    doc = json.loads(out)
+    assert code == 0 and doc["train_accuracy"] < 0.5
+    assert any("training accuracy" in w and "under 50%" in w for w in doc["warnings"])
+    code, out, err = run(capsys, "rank", "-c", cfg, "-o", str(tmp_path / "ok"), "--no-cache", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["train_accuracy"] >= 0.5
+    assert not any("training accuracy" in w for w in doc["warnings"])
 
 
 def test_explain_is_rank_restricted_to_one_test_row(capsys, cfg, tmp_path):

@@ -31,6 +31,7 @@ from ..data import Split
 from ..errors import ConfigError
 from ..factored import FactoredGradients
 from ..gradients import BLOCK_BYTES, GradientSource
+from ..health import accuracy_warnings
 from ..groups import group_effects, group_warning, mean_loss_change, mean_loss_hvp
 from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
 from ..run import PhaseFn, Report, Run
@@ -169,6 +170,10 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
         "most_harmful": [train.ids[i] for i in order[: min(5, n)]],
         "most_helpful": [train.ids[i] for i in order[::-1][: min(5, n)]],
     }
+    if found is None and scored["correct"] is not None and run.problem.objective.task != "regression":
+        summary["train_accuracy"] = scored["correct"] / n  # counted in the scoring pass over every row
+        run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "its most helpful and harmful rows say little"
+                                              " about the data; check the checkpoint and `infl train`"))
     if found is not None:
         summary["knn"] = _knn_summary(options, found, scored["scored_rows"], n)
     summary["scoring"] = scoring.info
@@ -219,7 +224,7 @@ def _score_all(run: Run, test: _Test, k: int, scoring: _Scoring) -> dict[str, An
     n, p, t_count = run.train.n, run.problem.params.size, len(test.rows)
     helpful, harmful = _empty_top(t_count, k)
     out: dict[str, Any] = {"overall": np.zeros(n), "grad_sum": torch.zeros(p, dtype=torch.float64), "loss_sum": 0.0,
-                           "shards": 0, "reused": 0, "mean_ihvp": None}
+                           "correct": 0, "shards": 0, "reused": 0, "mean_ihvp": None}
     for start in range(0, t_count, scoring.per_block):
         block_rows = test.rows[start : start + scoring.per_block]
         first, lo, hi = start == 0, start, start + len(block_rows)
@@ -235,6 +240,9 @@ def _score_all(run: Run, test: _Test, k: int, scoring: _Scoring) -> dict[str, An
                 out["overall"][shard.start : shard.stop] = part["overall"].numpy()
                 out["grad_sum"] += part["grad_sum"]
                 out["loss_sum"] += part["loss_sum"]
+                # shards cached before the count was kept have none: the accuracy is then unknown
+                out["correct"] = None if out["correct"] is None or part.get("correct") is None else (
+                    out["correct"] + part["correct"])
             merge_top(helpful, lo, hi, part["helpful_values"], part["helpful_rows"], largest=True)
             merge_top(harmful, lo, hi, part["harmful_values"], part["harmful_rows"], largest=False)
             out["shards"] += 1
@@ -308,6 +316,7 @@ def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: 
     helpful, harmful = _empty_top(count, k)
     overall = torch.zeros(len(rows), dtype=torch.float64)
     grad_sum, loss_sum = torch.zeros(run.problem.params.size, dtype=torch.float64), 0.0
+    correct = 0 if first and run.problem.objective.task != "regression" else None
     reuse = {"reuse": True} if isinstance(source, FactoredGradients) else {}
     for b in source.per_example(run.stream(run.train, rows), run.train.ids, tick, n, **reuse):
         scores = loss_change_if_removed(held, b.grads, n).cpu()
@@ -316,10 +325,13 @@ def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: 
             overall[b.idx - rows.start] = (mean_scores / n).cpu()
             grad_sum += column_sums.cpu()
             loss_sum += float(b.losses.double().sum())
+            if correct is not None:
+                predicted = run.problem.objective.predict(b.outputs, b.targets)[0]
+                correct += int((predicted.cpu() == b.targets.reshape(-1).long().cpu()).sum())
         merge_top(helpful, 0, count, scores, b.idx, largest=True)
         merge_top(harmful, 0, count, scores, b.idx, largest=False)
     return {"overall": overall if first else None, "grad_sum": grad_sum if first else None, "loss_sum": loss_sum,
-            "helpful_values": helpful[0], "helpful_rows": helpful[1], "harmful_values": harmful[0],
+            "correct": correct, "helpful_values": helpful[0], "helpful_rows": helpful[1], "harmful_values": harmful[0],
             "harmful_rows": harmful[1]}
 
 

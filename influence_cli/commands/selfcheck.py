@@ -20,7 +20,7 @@ from ..cache import content_key
 from ..errors import ConfigError
 from ..factored import ekfac_scored_rows
 from ..gradients import GradientSource
-from ..health import class_table, group_table
+from ..health import accuracy_warnings, class_table, group_table
 from ..run import PhaseFn, Report, Run
 from ..scores import self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
@@ -136,10 +136,8 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
                             " cannot memorize (params: last_layer, more weight_decay)")
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
-        if summary["train_accuracy"] < 0.5:
-            run.warnings.append(f"the model predicts only {summary['train_accuracy']:.0%} of its own training labels:"
-                                " it fits nothing, so its suspects are not label errors; check the checkpoint"
-                                " and `infl train`")
+        run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "its suspects are not label errors; check"
+                                              " the checkpoint and `infl train`"))
     summary["cache"] = {"fit_reused": run.fit_reused, "shards": rows["shards"], "shards_reused": rows["reused"]}
     tables = {"selfcheck.csv": table}
     if classification:
