@@ -9,7 +9,7 @@ may use all 200 iterations) and labels that a random linear function of the body
 flipped (closer to real data). "Before" is extrapolated: one full-network evaluation timed on --sample rows, times
 n / sample, times the number of evaluations the polish took. Run:
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/head_polish.py [--n 60000] [--sample 512]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/head_polish.py [--n 60000] [--sample 512]
 """
 
 from __future__ import annotations
