@@ -186,8 +186,8 @@ class GradientSource:
         When the selected parameters are exactly the model's output Linear layer (logistic/linear
         regression, or `params: last_layer` on a network ending in Linear), the outputs are linear in
         them and H = (1/n) sum_i Lambda_i kron a_i a_i^T exactly (a_i = the layer's input with a 1 for
-        the bias, Lambda_i = the loss Hessian in the outputs): formed with ~1 (n, p) x (n, p) product
-        instead of p HVPs."""
+        the bias, Lambda_i = the loss Hessian in the outputs): formed block by block in about half of one
+        (n, p) x (n, p) product instead of p HVPs (`linear_head_hessian`)."""
         head = linear_head_hessian(self, dtype, progress)
         if head is not None:
             return head
@@ -220,53 +220,106 @@ class GradientSource:
         return value / n + float(obj.regularizer(flat)), total
 
 
+@dataclass(frozen=True)
+class OutputHead:
+    """The selected parameters are exactly those of one nn.Linear whose output is the model's output (logistic or
+    linear regression, `params: last_layer` on a network ending in Linear): the outputs are then linear in them,
+    f_i = W a_i + b, so the output Jacobian is J_i = I_C kron a~_i with a~_i = [a_i, 1] (`rows`; the 1 only when
+    the bias is selected). Matrices over these parameters are built in the (class, input) layout, index
+    c * width + j, and `order` maps them to the ParamSpace layout (weight (C, d) row-major, then bias (C,))."""
+
+    module: torch.nn.Linear
+    has_weight: bool
+    has_bias: bool
+
+    @property
+    def classes(self) -> int:
+        return self.module.out_features
+
+    @property
+    def width(self) -> int:
+        return (self.module.in_features if self.has_weight else 0) + (1 if self.has_bias else 0)
+
+    def rows(self, inputs: Tensor, dtype: torch.dtype) -> Tensor:
+        """a~ (B, width): the layer's input (B, d) as `dtype`, then a column of ones for the bias."""
+        feats = inputs.to(dtype).reshape(len(inputs), -1)
+        ones = torch.ones(len(inputs), 1, dtype=dtype, device=feats.device)
+        return torch.cat(([feats] if self.has_weight else []) + ([ones] if self.has_bias else []), dim=1)
+
+    def order(self, device: torch.device | None = None) -> Tensor:
+        """(p,) int64: ParamSpace position k holds (class, input) position order[k], so a (class, input) matrix
+        m becomes m[order][:, order] and a ParamSpace one m' becomes m'[inverse][:, inverse], inverse =
+        argsort(order)."""
+        index = torch.arange(self.classes * self.width, device=device).view(self.classes, self.width)
+        d_in = self.module.in_features
+        return torch.cat(([index[:, :d_in].reshape(-1)] if self.has_weight else [])
+                         + ([index[:, -1]] if self.has_bias else []))
+
+
 def linear_head_hessian(source: GradientSource, dtype: torch.dtype, progress: Progress | None) -> Tensor | None:
-    """The exact Hessian (+ wd + damping) for an output Linear layer, or None when not applicable."""
+    """The exact Hessian (+ wd + damping) for an output Linear layer (`OutputHead`), or None when not applicable.
+
+    H = (1/n) sum_i Lambda_i kron a~_i a~_i^T with Lambda_i = diag(d_i) - u_i u_i^T (`Objective.output_hessian`):
+    its (c, c') block of (width, width) is A^T diag(delta_cc' d_c - u_c u_c') A over the rows A (B, width). Only
+    the blocks c <= c' are formed (H is symmetric), one GEMM per class per batch, A^T (B x (C - c) width): about
+    n p^2 (1 + 1/C) flops, half the (n, p) x (n, p) product of the full low-rank term; without u (binary,
+    regression) just the C diagonal blocks."""
     problem = source.problem
-    layer = _output_linear(problem)
-    if layer is None:
+    head = output_head(problem)
+    if head is None:
         return None
     model, objective = problem.model, problem.objective
-    module, has_w, has_b = layer
-    c_out, d_in = module.out_features, module.in_features
-    width = (d_in if has_w else 0) + (1 if has_b else 0)
-    p = c_out * width
-    hess = torch.zeros(p, p, dtype=dtype, device=problem.device)
+    c_out, width = head.classes, head.width
+    upper = [torch.zeros(width, (c_out - c) * width, dtype=dtype, device=problem.device) for c in range(c_out)]
     done = 0
     rows, split = distributed.part(problem.train_loader)  # torchrun: this rank's rows, summed below
-    with capture({"head": module}) as seen:
+    with capture({"head": head.module}) as seen:
         for _, x, y in rows:
             seen.clear()
             with torch.no_grad():
                 out = model(x.to(problem.device))
-            feats = seen.single("head").input.to(dtype).reshape(len(x), -1)
-            parts = ([feats] if has_w else []) + ([torch.ones(len(x), 1, dtype=dtype, device=feats.device)] if has_b else [])
-            a = torch.cat(parts, dim=1)  # (B, width)
+            a = head.rows(seen.single("head").input, dtype)  # (B, width)
             diag, low = objective.output_hessian(out.to(dtype), y.to(problem.device))
-            blocks = (a.T[None] * diag.T[:, None, :]) @ a  # (C, width, width): sum_i d_ic a_i a_i^T
-            view = hess.view(c_out, width, c_out, width)
             for c in range(c_out):
-                view[c, :, c, :] += blocks[c]
-            if low is not None:  # - sum_i (u_i kron a_i)(u_i kron a_i)^T
-                q = (low[:, :, None] * a[:, None, :]).reshape(len(x), p)
-                hess.addmm_(q.T, q, alpha=-1.0)
+                if low is None:  # diagonal Lambda: only the (c, c) block
+                    upper[c][:, :width].addmm_(a.T, diag[:, c : c + 1] * a)
+                    continue
+                weights = -low[:, c : c + 1] * low[:, c:]  # (B, C - c): delta_cc' d_c - u_c u_c'
+                weights[:, 0] += diag[:, c]
+                upper[c].addmm_(a.T, (weights[:, :, None] * a[:, None, :]).reshape(len(a), -1))
             done += len(x)
             if progress is not None:
                 progress(done, problem.n)
+    hess = _mirror_blocks(upper, c_out, width)
+    del upper
     if split:
         distributed.all_sum(hess)
     hess /= problem.n
-    # (class, input) layout -> ParamSpace layout: weight (C, d) row-major, then bias (C,)
-    index = torch.arange(p, device=hess.device).view(c_out, width)
-    order = torch.cat(([index[:, :d_in].reshape(-1)] if has_w else []) + ([index[:, -1]] if has_b else []))
+    order = head.order(hess.device)
     hess = hess[order][:, order]
     hess.diagonal().add_(objective.weight_decay + problem.damping)
     return hess
 
 
-def _output_linear(problem: Problem) -> tuple[torch.nn.Linear, bool, bool] | None:
-    """(layer, weight selected, bias selected) if the selected parameters are exactly those of one
-    nn.Linear whose output is the model's output, checked on a real batch; else None."""
+def _mirror_blocks(upper: list[Tensor], classes: int, width: int) -> Tensor:
+    """The symmetric (C width, C width) matrix whose block row c right of the diagonal is upper[c] (width,
+    (C - c) width); the blocks below the diagonal are the transposes."""
+    p = classes * width
+    full = torch.empty(p, p, dtype=upper[0].dtype, device=upper[0].device)
+    view = full.view(classes, width, classes, width)
+    for c in range(classes):
+        view[c, :, c:, :] = upper[c].view(width, classes - c, width)
+        for k in range(c + 1, classes):
+            view[k, :, c, :] = view[c, :, k, :].T
+    diagonal = [view[c, :, c, :] for c in range(classes)]
+    for block in diagonal:  # the (c, c) blocks were accumulated whole: symmetric up to roundoff, made exact
+        block.copy_(0.5 * (block + block.T))
+    return full
+
+
+def output_head(problem: Problem) -> OutputHead | None:
+    """The `OutputHead` if the selected parameters are exactly those of one nn.Linear whose output is the
+    model's output (checked on a real batch) and are in ParamSpace order weight, bias; else None."""
     model, names = problem.model, set(problem.params.names)
     for prefix, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -285,7 +338,9 @@ def _output_linear(problem: Problem) -> tuple[torch.nn.Linear, bool, bool] | Non
         return None
     weight = f"{prefix}.weight" if prefix else "weight"
     bias = f"{prefix}.bias" if prefix else "bias"
-    return module, weight in names, bias in names
+    if problem.params.names not in ((weight, bias), (weight,), (bias,)):
+        return None
+    return OutputHead(module, weight in names, bias in names)
 
 
 def _check_finite(block: Block, ids: Sequence[str] | None) -> None:

@@ -5,7 +5,8 @@ Method: H + damping I is formed as the HVPs of all p basis vectors, in blocks, i
 closed form, one (n, p) product, when the selected parameters are exactly the output Linear layer; cost
 ~ n p^2, memory 8 p^2 bytes), then Cholesky-factored in place, L L^T = H.
 Self-influence is ||L^-1 g||^2 (a triangular solve per batch of rows, no per-row solve) and
-H^-1 v = cholesky_solve. If H is not positive definite (a non-convex model, little damping), it is
+H^-1 v = cholesky_solve; `inverse()` gives H^-1 itself (~p^3) for callers with many structured vectors.
+If H is not positive definite (a non-convex model, little damping), it is
 eigendecomposed instead: negative eigenvalues are replaced by their absolute value (the saddle-free
 convention) and tiny ones raised to a floor of 1e-10 * max |eigenvalue|; both counts are reported.
 That is the matrix every solver inverts (README "Solvers", tests/test_same_matrix.py): A^-1, A = H + damping I,
@@ -125,6 +126,17 @@ class DirectSolver:
             return (v64 @ vectors) * values.rsqrt()
         chol = require_fitted(self, "_chol")
         return torch.linalg.solve_triangular(chol, v64.T, upper=False).T
+
+    def inverse(self) -> Tensor:
+        """(H + damping I)^-1 (|A|^-1 in eigen mode) as a dense symmetric (p, p) float64 matrix: the matrix
+        `ihvp` applies, for callers that apply it to many structured vectors at once (signals.loo_loss on an
+        output Linear layer). Cost ~p^3 flops, memory 8 p^2 bytes besides the factor."""
+        if self._eig is not None:
+            values, vectors = self._eig
+            inv = (vectors / values) @ vectors.T
+        else:
+            inv = torch.cholesky_inverse(require_fitted(self, "_chol"))
+        return 0.5 * (inv + inv.T)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self._info}
