@@ -37,9 +37,7 @@ from .errors import DataError
 from .gradients import Block, GradientSource, Progress
 from .layers import capture
 from .objective import ParamSpace, Problem
-from .solvers.ekfac_layers import Layer, chunks, find_layers, quadratic_form
-from .solvers.ekfac_layers import capture as ekfac_capture
-from .solvers.ekfac_layers import plan as ekfac_plan
+from .solvers.ekfac_layers import Layer, ScoredBlock, chunks, find_layers, scored_blocks
 
 Batches = Iterable[tuple[Tensor, Tensor, Tensor]]
 CHECK_ROWS = 4  # rows of the first batch whose factored gradients are checked against per-row autograd
@@ -206,17 +204,7 @@ def _check_finite(idx: Tensor, finite: Tensor, ids: Sequence[str] | None) -> Non
 
 
 # ---- EK-FAC self-influence with the objective's gradient ---------------------------------------------------------
-@dataclass(frozen=True)
-class ScoredRows:
-    """Self-influence of rows `idx` (B,) under the fitted EK-FAC factors, their losses, outputs and targets, and
-    the gradient of the rows' summed loss in the selected parameters (p,) float64."""
-
-    idx: Tensor
-    self_influence: Tensor
-    losses: Tensor
-    outputs: Tensor
-    targets: Tensor
-    grad_sum: Tensor
+ScoredRows = ScoredBlock  # with grad_sum set
 
 
 def ekfac_scored_rows(problem: Problem, state: dict[str, Any], loader: Batches, progress: Progress | None = None,
@@ -228,36 +216,4 @@ def ekfac_scored_rows(problem: Problem, state: dict[str, Any], loader: Batches, 
     for layer in layers:
         for key in ("u_a", "u_s", "diag"):
             setattr(layer, key, state["layers"][layer.path][key].to(problem.device))
-    shapes = dict(zip(problem.params.names, problem.params.shapes, strict=True))
-    first = next(iter(loader), None)
-    if first is None:
-        return
-    obj, done = problem.objective, 0
-    with torch.enable_grad(), ekfac_capture(layers) as records:
-        _, rows = ekfac_plan(problem, layers, records, first[1][:1].to(problem.device), None)
-        for idx, x, y in chunks(loader, rows):
-            x, y = x.to(problem.device), y.to(problem.device)
-            records.clear()
-            out = problem.model(x)
-            losses = obj.per_example_loss(out, y)
-            if not bool(torch.isfinite(losses).all()):
-                bad = idx[~torch.isfinite(losses).cpu()].tolist()[:5]
-                names = ", ".join(ids[r] if ids is not None else str(r) for r in bad)
-                raise DataError(f"loss is NaN/inf for rows with id {names}",
-                                hint="check those rows' features and labels, and that the checkpoint is not diverged")
-            grads = torch.autograd.grad(losses.sum(), [records.single(layer.path).output for layer in layers],
-                                        allow_unused=True)
-            si = torch.zeros(len(x), dtype=torch.float64, device=problem.device)
-            summed: dict[str, Tensor] = {}
-            for layer, g in zip(layers, grads, strict=True):
-                a = layer.features(records.single(layer.path).input)
-                gs = layer.out_grads(g) if g is not None else a.new_zeros(*a.shape[:2], layer.shape()[0])
-                si += quadratic_form(layer, a, gs)
-                total_g = gs.reshape(-1, gs.shape[-1]).double().T @ a.reshape(-1, a.shape[-1]).double()
-                summed.update(layer.scatter(total_g[None], shapes))
-            records.clear()
-            grad_sum = problem.params.flatten({k: v[0] for k, v in summed.items()})
-            yield ScoredRows(idx, si, losses.detach(), out.detach(), y, grad_sum)
-            done += len(x)
-            if progress is not None:
-                progress(done, total or done)
+    yield from scored_blocks(problem, layers, loader, progress, total, ids, sum_gradients=True)

@@ -33,7 +33,6 @@ p-sized per-example gradient, and never runs an HVP per row.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
@@ -47,32 +46,20 @@ from ..objective import Problem
 from .base import Cost, Progress, require_fitted
 from .ekfac_layers import (
     Layer,
+    ScoredBlock,
     capture,
-    chunks,
     counted,
-    features,
     find_layers,
     fitted,
     plan,
     position_mask,
     pseudo_gradients,
-    quadratic_form,
+    scored_blocks,
     sum_squared_projections,
 )
 from .refine import RefineLog, refine
 
 EIGEN_FLOOR = 1e-10
-
-
-@dataclass(frozen=True)
-class ScoredBlock:
-    """Self-influence of rows `idx` (B,) with their losses (B,), model outputs (B, C) and targets."""
-
-    idx: Tensor
-    self_influence: Tensor
-    losses: Tensor
-    outputs: Tensor
-    targets: Tensor
 
 
 class EkfacSolver:
@@ -210,34 +197,8 @@ class EkfacSolver:
         form, as `half_ihvp`: solver.ekfac.refine does not apply (it would cost HVP passes per row). Peak memory:
         a batch's activations plus (B, out, in') for conv/sequence layers, chunked. DataError (naming `ids`, or
         row numbers) when a loss is NaN/inf."""
-        layers = require_fitted(self, "_layers")
-        problem: Problem = require_fitted(self, "_problem")
-        obj, done = problem.objective, 0
-        first = next(iter(loader), None)
-        if first is None:
-            return
-        with torch.enable_grad(), capture(layers) as records:
-            _, rows = plan(problem, layers, records, first[1][:1].to(problem.device), None)
-            for idx, x, y in chunks(loader, rows):
-                x, y = x.to(problem.device), y.to(problem.device)
-                records.clear()
-                out = problem.model(x)
-                losses = obj.per_example_loss(out, y)
-                if not bool(torch.isfinite(losses).all()):
-                    bad = idx[~torch.isfinite(losses).cpu()].tolist()[:5]
-                    names = ", ".join(ids[r] if ids is not None else str(r) for r in bad)
-                    raise DataError(f"loss is NaN/inf for rows with id {names}",
-                                    hint="check those rows' features and labels, and that the checkpoint is not diverged")
-                s_list = [records.single(layer.path).output for layer in layers]
-                grads = torch.autograd.grad(losses.sum(), s_list, allow_unused=True)
-                si = torch.zeros(len(x), dtype=torch.float64, device=problem.device)
-                for layer, g in zip(layers, grads, strict=True):
-                    a = features(layer, records)
-                    gs = layer.out_grads(g) if g is not None else a.new_zeros(*a.shape[:2], layer.shape()[0])
-                    si += quadratic_form(layer, a, gs)
-                records.clear()
-                yield ScoredBlock(idx, si, losses.detach(), out.detach(), y)
-                done = _tick(progress, done + len(x), total or done + len(x))
+        yield from scored_blocks(require_fitted(self, "_problem"), require_fitted(self, "_layers"), loader, progress,
+                                 total, ids)
 
     def self_influence_fast(self, loader: Iterable[tuple[Tensor, Tensor, Tensor]], n: int,
                             progress: Progress | None = None) -> Tensor:

@@ -10,7 +10,7 @@ back to every layer's output in one vmapped backward per chunk of rows. `sum_squ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..config import EkfacConfig
-from ..errors import ConfigError, NotFittedError
+from ..errors import ConfigError, DataError, NotFittedError
 from ..gradients import BLOCK_BYTES
 from ..layers import Captured
 from ..layers import capture as layer_capture
@@ -124,6 +124,63 @@ def capture(layers: list[Layer]) -> AbstractContextManager[Captured]:
 def features(layer: Layer, records: Captured) -> Tensor:
     """The layer's features (B, T, in') in the last forward pass (it must have run once)."""
     return layer.features(records.single(layer.path).input)
+
+
+@dataclass(frozen=True)
+class ScoredBlock:
+    """Self-influence of rows `idx` (B,) under the fitted factors, with their losses (B,), model outputs (B, C) and
+    targets; with `sum_gradients`, also the gradient of the rows' summed loss in the selected parameters (p,)
+    float64 (selfcheck's grad J, from the same pass)."""
+
+    idx: Tensor
+    self_influence: Tensor
+    losses: Tensor
+    outputs: Tensor
+    targets: Tensor
+    grad_sum: Tensor | None = None
+
+
+def scored_blocks(problem: Problem, layers: list[Layer], loader: Iterable[tuple[Tensor, Tensor, Tensor]],
+                  progress: Callable[[int, int], None] | None = None, total: int | None = None,
+                  ids: Sequence[str] | None = None, sum_gradients: bool = False) -> Iterator[ScoredBlock]:
+    """g_i^T H_ekfac^-1 g_i of each row of `loader` from the fitted `layers` (u_a, u_s, diag set): one forward and
+    one backward per chunk and the layers' inputs and output gradients, never the (B, p) per-example gradient.
+    Peak memory: a chunk's activations plus (B, out, in') for conv/sequence layers. DataError (naming `ids`, or row
+    numbers) when a loss is NaN/inf. The one loop behind EkfacSolver.self_influence_blocks and selfcheck's pass."""
+    first = next(iter(loader), None)
+    if first is None:
+        return
+    obj, done = problem.objective, 0
+    shapes = dict(zip(problem.params.names, problem.params.shapes, strict=True))
+    with torch.enable_grad(), capture(layers) as records:
+        _, rows = plan(problem, layers, records, first[1][:1].to(problem.device), None)
+        for idx, x, y in chunks(loader, rows):
+            x, y = x.to(problem.device), y.to(problem.device)
+            records.clear()
+            out = problem.model(x)
+            losses = obj.per_example_loss(out, y)
+            if not bool(torch.isfinite(losses).all()):
+                bad = idx[~torch.isfinite(losses).cpu()].tolist()[:5]
+                names = ", ".join(ids[r] if ids is not None else str(r) for r in bad)
+                raise DataError(f"loss is NaN/inf for rows with id {names}",
+                                hint="check those rows' features and labels, and that the checkpoint is not diverged")
+            grads = torch.autograd.grad(losses.sum(), [records.single(layer.path).output for layer in layers],
+                                        allow_unused=True)
+            si = torch.zeros(len(x), dtype=torch.float64, device=problem.device)
+            summed: dict[str, Tensor] = {}
+            for layer, g in zip(layers, grads, strict=True):
+                a = features(layer, records)
+                gs = layer.out_grads(g) if g is not None else a.new_zeros(*a.shape[:2], layer.shape()[0])
+                si += quadratic_form(layer, a, gs)
+                if sum_gradients:
+                    total_g = gs.reshape(-1, gs.shape[-1]).double().T @ a.reshape(-1, a.shape[-1]).double()
+                    summed.update(layer.scatter(total_g[None], shapes))
+            records.clear()
+            grad_sum = problem.params.flatten({k: v[0] for k, v in summed.items()}) if sum_gradients else None
+            yield ScoredBlock(idx, si, losses.detach(), out.detach(), y, grad_sum)
+            done += len(x)
+            if progress is not None:
+                progress(done, total or done)
 
 
 def _cotangents(problem: Problem, out: Tensor, mode: str, samples: int, gen: torch.Generator) -> Tensor:
