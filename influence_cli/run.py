@@ -179,11 +179,12 @@ class Run:
         return self.problem.damping
 
     def phase(self, name: str) -> PhaseFn | None:
-        """The progress callback of one phase (None when nothing renders progress)."""
+        """The progress callback of one phase (None when nothing renders progress); extra keywords (a loss
+        to show) pass through to the CLI's progress(phase, done, total, **info)."""
         progress = self.progress
         if progress is None:
             return None
-        return lambda done, total: progress(name, done, total)
+        return lambda done, total, **info: progress(name, done, total, **info)
 
     def stream(self, split: Split, rows: Sequence[int] | range | None = None) -> CastLoader:
         """(row_idx, x, y) batches of `split` in the run's dtype: every row, a contiguous range (the

@@ -172,8 +172,7 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
     }
     if found is None and scored["correct"] is not None and run.problem.objective.task != "regression":
         summary["train_accuracy"] = scored["correct"] / n  # counted in the scoring pass over every row
-        run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "its most helpful and harmful rows say little"
-                                              " about the data; check the checkpoint and `infl train`"))
+        run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "check the checkpoint and `infl train`"))
     if found is not None:
         summary["knn"] = _knn_summary(options, found, scored["scored_rows"], n)
     summary["scoring"] = scoring.info

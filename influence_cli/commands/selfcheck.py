@@ -136,8 +136,7 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
                             " cannot memorize (params: last_layer, more weight_decay)")
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
-        run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "its suspects are not label errors; check"
-                                              " the checkpoint and `infl train`"))
+        run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "check the checkpoint and `infl train`"))
     summary["cache"] = {"fit_reused": run.fit_reused, "shards": rows["shards"], "shards_reused": rows["reused"]}
     tables = {"selfcheck.csv": table}
     if classification:

@@ -7,7 +7,7 @@ gradient at the layer output. With the Gauss-Newton factorization of the output 
 (softmax CE: B = diag(sqrt p) - p sqrt(p)^T; logistic: sqrt(s(1-s)); MSE over k outputs: sqrt(2/k) I), each
 column of B, pulled back through the network, is a pseudo-gradient g_c whose sum_c g_c g_c^T equals the GN's
 output factor exactly (`output_factor: sample` draws B z, z ~ N(0, I), instead: an unbiased Monte-Carlo GN).
-  pass 1:  A = mean_(rows, positions) a a^T,  S = (1/n) sum_rows sum_c sum_t g g^T,  A = U_A diag U_A^T, S = ...
+  pass 1:  A = mean_(rows, real positions) a a^T (a text batch's padding is masked out),  S = (1/n) sum_rows sum_c sum_t g g^T,  A = U_A diag U_A^T, S = ...
   pass 2:  lambda_kl = (1/n) sum_rows sum_c ((U_S^T G_c U_A)_kl)^2     (the eigenvalue correction; K-FAC: s_k a_l)
   H_layer ~= (U_S x U_A) diag(lambda + weight_decay + damping) (U_S x U_A)^T  =: M^-1.
 For one Linear layer with MSE, S is constant and the correction makes this equal to H exactly.
