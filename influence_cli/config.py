@@ -9,18 +9,16 @@ in the current directory (so `--set data.train.path=x.csv` works from the shell)
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import os
 import re
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError
+from .config_build import build, plain, positive, resolve_paths
+from .safe_yaml import MAX_CONFIG_BYTES, parse_yaml
 
 _REQUIRED = {"required": True}
 MAX_SEED = 2**32 - 1  # what every seeded generator (torch, numpy) takes
@@ -85,7 +83,7 @@ class SplitConfig:
                                   hint="drop features, or drop text for numeric columns")
         elif self.max_length is not None:
             raise ConfigError("max_length: only text data (text: COLUMN) is tokenized")
-        _positive(self, "max_length")
+        positive(self, "max_length")
         if self.format in ("csv", "parquet", "imagefolder", "torchvision", "tensors") and not self.path:
             raise ConfigError(f"path: required for format {self.format}", hint="give the file or folder")
         if self.format == "torchvision" and not self.name:
@@ -110,7 +108,7 @@ class CGConfig:
     tol: float = 1e-6  # stop a solve at relative residual ||v - H x|| / ||v|| <= tol
 
     def __post_init__(self) -> None:
-        _positive(self, "max_iter", "tol")
+        positive(self, "max_iter", "tol")
 
 
 @dataclass(frozen=True)
@@ -122,9 +120,9 @@ class LissaConfig:
     tol: float = 1e-6  # full-data runs only: stop at relative residual <= tol (0: always the full depth)
 
     def __post_init__(self) -> None:
-        _positive(self, "depth", "repeats", "batch_size")
+        positive(self, "depth", "repeats", "batch_size")
         if self.scale != "auto":
-            _positive(self, "scale")
+            positive(self, "scale")
         if self.tol < 0:
             raise ConfigError(f"tol: must be >= 0, got {self.tol}")
 
@@ -140,7 +138,7 @@ class ArnoldiConfig:
     refine: int = 2  # ihvp: CG steps on exact HVPs preconditioned by the low-rank inverse (refine + 1 data passes)
 
     def __post_init__(self) -> None:
-        _positive(self, "rank", "max_iter", "tol")
+        positive(self, "rank", "max_iter", "tol")
         if self.oversample < 0:
             raise ConfigError(f"oversample: must be >= 0, got {self.oversample}")
         if self.refine < 0:
@@ -156,7 +154,7 @@ class EkfacConfig:
     refine: int = 4  # ihvp: EK-FAC-preconditioned CG steps on HVPs of A (refine + 1 data passes); 0 = plain EK-FAC
 
     def __post_init__(self) -> None:
-        _positive(self, "samples")
+        positive(self, "samples")
         if self.refine < 0:
             raise ConfigError(f"refine: must be >= 0, got {self.refine}", hint="0 gives the plain EK-FAC approximation")
 
@@ -176,7 +174,7 @@ class SolverConfig:
         if self.damping < 0:
             raise ConfigError(f"damping: must be >= 0, got {self.damping}")
         if self.memory_limit_gb is not None:
-            _positive(self, "memory_limit_gb")
+            positive(self, "memory_limit_gb")
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ class TrainConfig:
     warmup: float = 0.1  # model.arch hf with adam: fraction of the steps the learning rate ramps up over
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "lr", "tol")
+        positive(self, "epochs", "lr", "tol")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup: must be in [0, 1), got {self.warmup}")
 
@@ -234,7 +232,7 @@ class CacheConfig:
     shard_rows: int = 8192  # rows per committed shard (rounded up to a multiple of batch_size)
 
     def __post_init__(self) -> None:
-        _positive(self, "max_gb", "shard_rows")
+        positive(self, "max_gb", "shard_rows")
 
 
 @dataclass(frozen=True)
@@ -258,7 +256,7 @@ class Config:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
-        _positive(self, "batch_size")
+        positive(self, "batch_size")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed: must be a whole number in [0, {MAX_SEED}], got {self.seed}",
                               hint="any value in that range works; it seeds torch and numpy")
@@ -270,7 +268,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able form (paths as strings, tuples as lists), for the manifest."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -298,7 +296,7 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         apply_override(raw, item)
     _inherit_test_settings(raw)
     cfg = build(Config, raw, "")
-    cfg = _resolve_paths(cfg, path.resolve().parent)
+    cfg = resolve_paths(cfg, path.resolve().parent)
     return dataclasses.replace(link_tokenizer(cfg), source=path.resolve())
 
 
@@ -327,104 +325,6 @@ def link_tokenizer(cfg: Config) -> Config:
     if test is not None and test.text is not None:
         test = dataclasses.replace(test, tokenizer=cfg.model.path)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, test=test))
-
-
-MAX_CONFIG_BYTES = 2**20
-MAX_VALUES = 100_000  # keys, values and items after expanding aliases (a config has a few hundred)
-MAX_DEPTH = 64  # levels of nesting (a config has about 4)
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    """`yaml.safe_load`, refusing documents that expand (through aliases) to more than MAX_VALUES
-    nodes, nest deeper than MAX_DEPTH or refer to themselves: the node graph is measured before
-    anything is built, so an alias bomb fails in milliseconds instead of exhausting memory."""
-    if _rough_depth(text) > MAX_DEPTH:  # PyYAML's scanner is quadratic in nesting: refuse before it
-        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep", hint=_NESTING_HINT)
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except RecursionError:
-            raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep", hint=_NESTING_HINT) from None
-        if node is None:
-            return None
-        _measure(node, where)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-_NESTING_HINT = "a config nests about 4 levels; check the file (or the --set value)"
-
-
-def _rough_depth(text: str) -> int:
-    """An upper estimate of the nesting, in one pass over the characters: open brackets outside
-    quotes and comments, plus indentation levels and leading "- " markers of block style."""
-    deepest, flow, quote, indents = 0, 0, "", [-1]
-    for line in text.splitlines():
-        stripped = line.lstrip(" ")
-        if flow == 0 and not quote and stripped and not stripped.startswith("#"):
-            indent = len(line) - len(stripped)
-            while indents[-1] >= indent:
-                indents.pop()
-            indents.append(indent)
-            dashes = len(stripped) - len(stripped.lstrip("- "))
-            deepest = max(deepest, len(indents) - 1 + dashes // 2)
-        previous = " "
-        for ch in line:
-            if quote:
-                quote = "" if ch == quote else quote
-            elif ch == "#" and previous in " \t":
-                break
-            elif ch in "'\"" and previous in " \t[{,:":
-                quote = ch
-            elif ch in "[{":
-                flow += 1
-                deepest = max(deepest, flow + len(indents) - 1)
-            elif ch in "]}":
-                flow = max(flow - 1, 0)
-            previous = ch
-        quote = quote if quote == '"' else ""  # single-quoted scalars may span lines too, rarely in configs
-    return deepest
-
-
-def _measure(root: yaml.Node, where: str) -> None:
-    """Expanded size and height of the node graph, iteratively, each shared node measured once."""
-    size: dict[int, int] = {}
-    height: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        children = _children(node)
-        if done:
-            on_path.discard(id(node))
-            size[id(node)] = 1 + sum(size[id(c)] for c in children)
-            height[id(node)] = 1 + max((height[id(c)] for c in children), default=0)
-            if size[id(node)] > MAX_VALUES:
-                raise ConfigError(f"{where}: the YAML expands to more than {MAX_VALUES:,} values (aliases "
-                                  "repeating aliases?)", hint="write the config out without nested aliases")
-            if height[id(node)] > MAX_DEPTH:
-                raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep", hint=_NESTING_HINT)
-            continue
-        if id(node) in size:
-            continue
-        on_path.add(id(node))
-        stack.append((node, True))
-        for child in children:
-            if id(child) in on_path:
-                raise ConfigError(f"{where}: an alias refers to the value that contains it (line "
-                                  f"{child.start_mark.line + 1})", hint="a config cannot contain itself")
-            if id(child) not in size:
-                stack.append((child, False))
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -463,146 +363,3 @@ def _inherit_test_settings(raw: dict[str, Any]) -> None:
     for key, formats in INHERITED.items():
         if key in train and key not in test and test.get("format", "csv") in formats:
             test[key] = train[key]
-
-
-def build(cls: type, raw: Any, where: str) -> Any:
-    """Validate `raw` against dataclass `cls`; `where` is the dotted path for messages."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {_show(raw)}")
-    hints = get_type_hints(cls)
-    known = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-    names = [f.name for f in known]
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {_join(where, close[0])}?" if close else f"known keys: {', '.join(names)}"
-            raise ConfigError(f"{_join(where, str(key))}: unknown key", hint=hint)
-    kwargs = {}
-    for f in known:
-        dotted = _join(where, f.name)
-        if f.name in raw:
-            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], dotted)
-        elif f.metadata.get("required"):
-            raise ConfigError(f"{dotted}: required key is missing", hint="see configs/ for examples")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(_join(where, e.message), hint=e.hint) from None
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        sections = [o for o in options if dataclasses.is_dataclass(o)]
-        if isinstance(value, dict) and sections:  # a mapping can only be the section: its own message
-            return _coerce(sections[0], value, key)
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(option, value, key)
-            except ConfigError as e:
-                errors.append(e.message.removeprefix(f"{key}: "))
-        raise ConfigError(f"{key}: {' or '.join(dict.fromkeys(errors))}")
-    if origin is Literal:
-        choices = get_args(tp)
-        if isinstance(value, str) and value in choices:
-            return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"did you mean {close[0]}?" if close else None
-        raise ConfigError(f"{key}: expected one of {' | '.join(map(str, choices))}, got {_show(value)}", hint=hint)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value]  # a single value where a list is expected: `carry: source`
-        item_tp = get_args(tp)[0]
-        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
-        if not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{key}: keys must be strings")
-        return dict(value)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build(tp, {} if value is None else value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
-    if tp is int:
-        number = _number(value, key, "a whole number")
-        if number != int(number):
-            raise ConfigError(f"{key}: expected a whole number, got {_show(value)}")
-        return int(number)
-    if tp is float:
-        return float(_number(value, key, "a number"))
-    if tp is str:
-        if isinstance(value, str) and value:
-            return value
-        raise ConfigError(f"{key}: expected text, got {_show(value)}", hint="quote it if it is meant as text")
-    if tp is Path:
-        if isinstance(value, str) and value:
-            return Path(value).expanduser()
-        raise ConfigError(f"{key}: expected a path, got {_show(value)}")
-    raise TypeError(f"config type {tp} of {key} is not handled")  # a bug in this module
-
-
-def _number(value: Any, key: str, what: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected {what}, got {_show(value)}")
-    if isinstance(value, str):  # PyYAML reads 1e-3 as a string
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ConfigError(f"{key}: expected {what}, got {_show(value)}") from None
-    if not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected {what}, got {_show(value)}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value}")
-    return value
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name}: must be > 0, got {value}")
-
-
-def _resolve_paths(obj: Any, base: Path) -> Any:
-    """Make every path field absolute; inputs missing next to the config are looked for in cwd."""
-    changes = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            changes[f.name] = _resolve_paths(value, base)
-        elif isinstance(value, Path) and f.metadata.get("path"):
-            if not value.is_absolute():
-                candidate = base / value
-                if f.metadata["path"] == "input" and not candidate.exists() and value.exists():
-                    candidate = value.resolve()
-                value = candidate
-            changes[f.name] = Path(value).resolve() if value.exists() else Path(os.path.normpath(value))
-    return dataclasses.replace(obj, **changes)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}"
