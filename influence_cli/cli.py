@@ -479,7 +479,9 @@ def init(data: Annotated[Path, typer.Argument(help="The training data: a CSV/Par
          config: Annotated[Path, typer.Option("--config", "-c", help="Where to write the config.")]
          = Path("infl.yaml"),
          model: Annotated[str | None, typer.Option(help="logreg | mlp | cnn | resnet18 (default: logreg, cnn for"
-                                                       " images).")] = None,
+                                                       " images), or for text data PATH, a local Hugging Face folder"
+                                                       " (save_pretrained: config.json, model.safetensors,"
+                                                       " tokenizer).")] = None,
          force: Annotated[bool, typer.Option(help="Overwrite an existing config.")] = False,
          quiet: QuietOpt = False, as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Write a commented config inferred from the data (columns, classes, image size); never overwrites without --force.

@@ -3,22 +3,22 @@
 What is inferred, and from what:
 - `format`: csv / parquet by extension, tensors for .pt/.pth/.npz, imagefolder for a folder of class folders.
 - csv/parquet: the id column (id, index, ...; else the row index), the label column (label, target, class,
-  y, ...; else the last column), the numeric feature columns (`in_features`) and the text columns, which
-  are carried into the reports (a text feature would be an error).
+  y, ...; else the last column that is not free text), the numeric feature columns (`in_features`) and the
+  other columns, which are carried into the reports (a text feature would be an error). Free text
+  (init_text.py) with `--model DIR`, a local Hugging Face folder, makes a text config (`model.arch: hf`);
+  free text alone without it is an error.
 - tensors: the keys of the inputs, labels and ids; `in_features` = the size of one input.
 - imagefolder: the class folders, and from one image per class the size and channels (grayscale for
   one-channel images), with a resize when the sizes differ or are too small for the cnn.
 - the task from the labels: two classes give `task: binary` with one logit (`num_classes: 1`); real-valued
   labels with many distinct values give `regression`; else `classification` with `num_classes` classes.
-No torch here (torchvision only to list an image folder as ImageFolder would); the text is built by hand so
-that it carries comments, and every value goes through yaml.safe_dump so odd column names stay valid YAML.
+No torch here (torchvision only to list an image folder as ImageFolder would); init_yaml.py writes the text.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from . import init_text
 from .errors import ConfigError, DataError
 from .files import write_file
+from .init_yaml import Inferred, data_block, header, model_block, rel, rest
 
 BUILTIN_ARCHS = ("logreg", "mlp", "cnn", "resnet18")  # models.ARCHS (a test keeps the two equal)
 ID_NAMES = ("id", "ids", "index", "idx", "uid", "row_id", "sample_id", "key")
@@ -37,32 +39,20 @@ TENSOR_SUFFIXES = (".pt", ".pth", ".npz")
 TABULAR_ROWS = 200_000  # rows read to infer a csv's columns and classes
 REGRESSION_DISTINCT = 50  # a whole-valued float label with more distinct values is a regression target
 CNN_MIN_SIDE = 12  # models.cnn's smallest image side
-COMMENT_COLUMN = 34
-LINE_WIDTH = 110
-
-
-@dataclass
-class Inferred:
-    """What the data says: one split's YAML keys, and the facts the model block is built from."""
-
-    split: dict[str, Any]
-    rows: int
-    in_features: int
-    labels: np.ndarray | None = None  # the label values (csv/parquet/tensors)
-    classes: list[str] | None = None  # class folder names (imagefolder)
-    image: tuple[int, int, int] | None = None  # (channels, height, width) of one input, for image data
-    notes: list[str] = field(default_factory=list)
 
 
 def infer_config(data: Path, test: Path | None = None, model: str | None = None,
                  config_path: Path = Path("infl.yaml")) -> str:
     """The commented YAML text of a config for training data `data` (and `test`, default: a sibling named
-    like `data` with train -> test, when there is one), for model `model` (a built-in arch or
-    "package.module:factory"; default logreg, or cnn for image folders). Paths are written relative to the
-    folder of `config_path`. ConfigError for an unknown format or arch, DataError for unusable data."""
+    like `data` with train -> test, when there is one), for model `model` (a built-in arch,
+    "package.module:factory" or a Hugging Face folder; default logreg, or cnn for image folders). Paths are
+    written relative to the folder of `config_path`. ConfigError for an unknown format or arch, DataError for
+    unusable data."""
     data, config_path = Path(data), Path(config_path)
     train = _inspect(data, "DATA")
-    arch = _arch(model) or ("cnn" if train.split["format"] == "imagefolder" else "logreg")
+    folder = init_text.model_folder(model, BUILTIN_ARCHS)
+    arch = "hf" if folder else _arch(model) or ("cnn" if train.split["format"] == "imagefolder" else "logreg")
+    init_text.apply(train, data, folder, model)
     if test is None:
         test = _sibling_test(data)
         found = test is not None
@@ -73,6 +63,8 @@ def infer_config(data: Path, test: Path | None = None, model: str | None = None,
                               f"({train.split['format']})", hint="pass test data in the same format")
     test_split = _test_split(train, test) if test is not None else None
     task, outputs, task_note = _task(train)
+    if folder is not None:
+        task, outputs, task_note = init_text.fit_task(task, outputs, task_note, folder, train.labels)
     image = train.image
     if arch in ("cnn", "resnet18") and image is None:
         raise ConfigError(f"--model {arch}: {data} holds flat feature rows, not images",
@@ -84,12 +76,15 @@ def infer_config(data: Path, test: Path | None = None, model: str | None = None,
     if arch == "cnn" and train.split["format"] == "imagefolder":
         image = _cnn_resize(train, test_split, image)
     base = config_path.resolve().parent
-    name = arch if arch in BUILTIN_ARCHS else "model"
+    name = "head" if folder else arch if arch in BUILTIN_ARCHS else "model"
     checkpoint = data.parent / f"{name}.pt"
-    lines = _header(data, train, task_note, config_path)
-    lines += _model_block(arch, task, outputs, train, image, _rel(checkpoint, base), checkpoint.exists())
-    lines += _data_block(train.split, test_split, base, found)
-    lines += _rest(arch, data, base)
+    lines = header(data, train, task_note, config_path, batch_size=64 if folder else 256)
+    if folder is None:
+        lines += model_block(arch, task, outputs, train, image, rel(checkpoint, base), checkpoint.exists())
+    else:
+        lines += init_text.model_block(folder, task, rel(folder.path, base), rel(checkpoint, base), checkpoint.exists())
+    lines += data_block(train.split, test_split, base, found, init_text.data_comments(folder) if folder else ())
+    lines += rest(arch, data, base)
     text = "\n".join(lines) + "\n"
     yaml.safe_load(text)  # a bug here, not the user's: the text must be YAML
     return text
@@ -152,20 +147,20 @@ def _tabular(path: Path, fmt: str) -> Inferred:
         id_col = None
     label = _pick([c for c in df.columns if c != id_col], LABEL_NAMES)
     if label is None:
-        label = [c for c in df.columns if c != id_col][-1] if len(df.columns) > 1 else None
-        if label is None:
+        others = [c for c in df.columns if c != id_col] if len(df.columns) > 1 else []
+        if not others:
             raise DataError(f"{path}: has only the column {df.columns[0]!r}; a label and features are needed")
-        notes.append(f"no column is named {', '.join(LABEL_NAMES[:4])}...: took the last column, {label!r}, as label")
-    rest = [c for c in df.columns if c not in (id_col, label)]
-    features = [c for c in rest if _numeric(df[c])]
-    carry = [c for c in rest if c not in features]
-    if not features:
-        raise DataError(f"{path}: no numeric feature columns besides id {id_col!r} and label {label!r}",
-                        hint="infl reads numeric features; text data needs text: COLUMN and model.arch: hf")
+        label = ([c for c in others if not init_text.is_free_text(df[c])] or others)[-1]
+        which = "the last column" + (" that is not free text" if label != others[-1] else "")
+        notes.append(f"no column is named {', '.join(LABEL_NAMES[:4])}...: took {which}, {label!r}, as label")
+    others = [c for c in df.columns if c not in (id_col, label)]
+    features = [c for c in others if _numeric(df[c])]
+    carry = [c for c in others if c not in features]
+    text = init_text.text_columns(df, carry)  # no features and no text: init_text.apply refuses the data
     if len(df) == TABULAR_ROWS:
         notes.append(f"inferred from the first {TABULAR_ROWS:,} rows")
     split = {"format": fmt, "path": path, "label": label, "id": id_col, "carry": carry}
-    return Inferred(split, len(df), len(features), labels=df[label].to_numpy(), notes=notes)
+    return Inferred(split, len(df), len(features), labels=df[label].to_numpy(), notes=notes, columns=others, text=text)
 
 
 def _tabular_columns(path: Path, fmt: str) -> list[Any]:
@@ -268,7 +263,9 @@ def _test_split(train: Inferred, test: Path) -> dict[str, Any]:
     fmt = split["format"]
     if fmt in ("csv", "parquet"):
         columns = [str(c) for c in _tabular_columns(test, fmt)]
-        needed = [c for c in (train.split["label"], train.split["id"], *train.split["carry"]) if c]
+        text = train.split.get("text") or []
+        needed = [c for c in (train.split["label"], train.split["id"], *train.split["carry"],
+                              *([text] if isinstance(text, str) else text)) if c]
         missing = [c for c in needed if c not in columns]
         if missing:
             raise DataError(f"--test {test}: lacks the column{'s' if len(missing) > 1 else ''} "
@@ -340,137 +337,6 @@ def _cnn_resize(train: Inferred, test_split: dict[str, Any] | None, image: tuple
     return c, h, w
 
 
-# ---- writing the text
-
-
-def _header(data: Path, train: Inferred, task_note: str, config_path: Path) -> list[str]:
-    what = f"{train.rows:,} rows" if train.classes is None else f"{train.rows:,} images"
-    if train.image is not None:
-        what += f" of {train.image[1]}x{train.image[2]}, {train.image[0]} channel{'s' if train.image[0] > 1 else ''}"
-    else:
-        what += f", {train.in_features} feature{'s' if train.in_features != 1 else ''}"
-    lines = [f"# infl config written by `infl init {data}`.",
-             f"# Inferred from the training data: {what}; {task_note}."]
-    lines += [f"# Note: {note}." for note in train.notes]
-    lines += ["# Relative paths are relative to this file's folder. Every key is documented in SPEC.md (Config).",
-              "# Next: check it (loads data and model, estimates the cost), train, then rank the rows by suspicion:",
-              f"#   infl check -c {config_path} && infl train -c {config_path} && infl selfcheck -c {config_path}",
-              "",
-              _kv("seed", 0, "randomness (training, sampling) is seeded from this"),
-              _kv("device", "auto", "auto | cpu | cuda | cuda:N"),
-              _kv("batch_size", 256, "rows per batch for gradients and training")]
-    return lines
-
-
-def _model_block(arch: str, task: str, outputs: int, train: Inferred, image: tuple[int, int, int] | None,
-                 checkpoint: str, exists: bool) -> list[str]:
-    c = image[0] if image else None
-    size = None if image is None else image[1] if image[1] == image[2] else [image[1], image[2]]
-    kwargs: dict[str, Any] = {
-        "logreg": {"in_features": train.in_features, "num_classes": outputs},
-        "mlp": {"in_features": train.in_features, "hidden": [128], "num_classes": outputs, "activation": "tanh"},
-        "cnn": {"in_channels": c, "num_classes": outputs, "image_size": size},
-        "resnet18": {"num_classes": outputs, "in_channels": c},
-    }.get(arch, {})
-    arch_note = {"logreg": "one Linear layer on the flattened input; or mlp, cnn (images), resnet18 (images)",
-                 "mlp": "Linear-tanh-...-Linear; tanh trains to a true minimum with L-BFGS more reliably than relu",
-                 "cnn": "a small LeNet-style net", "resnet18": "torchvision's, weights never downloaded"}.get(
-        arch, "your factory, called with model.kwargs; it must return an nn.Module")
-    outputs_note = {"binary": "num_classes: 1, one logit for task binary",
-                    "classification": "num_classes: one output per class"}.get(task, "num_classes: the label width")
-    lines = [_kv("task", task, "classification | binary (one logit) | regression (MSE)"),
-             "model:", _kv("arch", arch, arch_note, 1)]
-    if kwargs:
-        lines.append(_kv("kwargs", kwargs, outputs_note, 1))
-    else:
-        facts = {"in_features": train.in_features, "num_outputs": outputs, **({"image": list(image)} if image else {})}
-        lines.append(_kv("kwargs", {}, f"what your factory needs; the data has {_q(facts)}", 1))
-    lines.append(_kv("checkpoint", checkpoint, "a state_dict, loaded with weights_only=True; " + (
-        "it exists: check that it was trained on this data and kwargs" if exists else
-        "not there yet: `infl train` writes it"), 1))
-    whole = arch in ("cnn", "resnet18")
-    lines.append(_kv("params", "last_layer" if whole else "all", "all | last_layer | [parameter-name prefixes]; " + (
-        "the final Linear layer: an exact Hessian in one pass" if whole else "every parameter")))
-    lines.append(_kv("weight_decay", 0.001, "the L2 term of the training objective, also part of the Hessian"))
-    return lines
-
-
-def _data_block(train: dict[str, Any], test: dict[str, Any] | None, base: Path, found: bool) -> list[str]:
-    lines = ["data:"]
-    for role, split in (("train", train), ("test", test)):
-        if split is None:
-            lines.append("  # test: {format: ..., path: ...}   held-out rows for `infl rank`, `verify` and `explain`")
-            continue
-        note = " (found next to the training data)" if role == "test" and found else ""
-        lines.append(f"  {role}:{'' if not note else '  #' + note}")
-        for key, value in split.items():
-            if value is None or value == []:
-                continue
-            lines.append(_kv(key, _rel(value, base) if isinstance(value, Path) else value, _SPLIT_NOTES.get(key, ""),
-                             2))
-        if split["format"] in ("csv", "parquet") and not split.get("id"):
-            lines.append("    # id: COLUMN               no id column found: rows are named by their index")
-        if split["format"] == "imagefolder":
-            lines.append("    # mean: [..], std: [..]   optional Normalize after ToTensor (one value per channel)")
-    return lines
-
-
-_SPLIT_NOTES = {
-    "format": "csv | parquet | imagefolder | torchvision | tensors | python",
-    "label": "the column (or key) holding each row's given label",
-    "id": "each row's id in the reports",
-    "carry": "text columns copied into the reports, never used as features",
-    "x_key": "the key of the inputs (n, ...)",
-    "grayscale": "one channel",
-    "resize": "[size] for a square, or [height, width]",
-}
-
-
-def _rest(arch: str, data: Path, base: Path) -> list[str]:
-    small = arch in ("logreg", "cnn", "resnet18")
-    name = data.parent.name if data.stem.lower() in ("train", "training") or data.is_dir() else data.stem
-    out = Path("reports") / (name or "infl")
-    optimizer = {"logreg": ["lbfgs", 500, 1.0, 1e-5], "mlp": ["lbfgs", 1000, 1.0, 1e-5]}.get(
-        arch, ["adam", 15, 0.003, 1e-4])
-    return [
-        "solver:",
-        _kv("name", "direct" if small else "auto", "direct | cg | lissa | arnoldi | ekfac | auto; " + (
-            "direct: an exact dense solve" if small else "auto: direct while the Hessian fits in memory"), 1),
-        _kv("damping", 0.001, "added to the Hessian's diagonal", 1),
-        "train:",
-        _kv("optimizer", optimizer[0], "lbfgs | adam | sgd; adam/sgd end with an L-BFGS polish of params", 1),
-        _kv("epochs", optimizer[1], "", 1),
-        _kv("lr", optimizer[2], "", 1),
-        _kv("tol", optimizer[3], "stop when the objective's gradient norm is below this", 1),
-        "output:",
-        _kv("dir", _rel(base / out, base), "where the reports go (--out overrides it)", 1),
-    ]
-
-
-def _kv(key: str, value: Any, note: str, depth: int = 0) -> str:
-    """`key: value  # note`, the note aligned at COMMENT_COLUMN, or on its own line above when it would not fit."""
-    indent = "  " * depth
-    text = f"{indent}{key}: {_q(value)}"
-    if not note:
-        return text
-    line = f"{text.ljust(COMMENT_COLUMN - 1)} # {note}"
-    return line if len(line) <= LINE_WIDTH else f"{indent}# {note}\n{text}"
-
-
-def _q(value: Any) -> str:
-    """A YAML flow scalar/list/mapping that safe_load reads back as `value`."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip()
-    return text.removesuffix("\n...").removesuffix("...").strip()
-
-
-def _rel(path: Path, base: Path) -> str:
-    """`path` relative to the config's folder `base`; absolute when the two share only the root."""
-    target = Path(path).resolve()
-    if os.path.commonpath([target, base]) == target.anchor:
-        return target.as_posix()
-    return Path(os.path.relpath(target, base)).as_posix()
-
-
 def _arch(model: str | None) -> str:
     if model is None:
         return ""
@@ -481,7 +347,7 @@ def _arch(model: str | None) -> str:
     close = difflib.get_close_matches(model, BUILTIN_ARCHS, n=1)
     raise ConfigError(f"--model {model!r}: not a built-in architecture",
                       hint=f"did you mean {close[0]}?" if close else f"built-ins: {', '.join(BUILTIN_ARCHS)}, "
-                                                                    "or package.module:factory")
+                           "package.module:factory, or a local Hugging Face folder (a path)")
 
 
 def _pick(names: Any, wanted: tuple[str, ...]) -> str | None:
