@@ -32,6 +32,7 @@ from .sources import Raw, existing, to_numpy
 
 TASKS = ("classification", "binary", "regression")
 _SHOWN = 5  # row ids named in a message
+CHUNK_VALUES = 2**22  # csv/parquet: numbers per chunk of rows converted at a time (32 MiB as float64)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # pandas' default NA strings: missing in every column but the id column, whose values are read verbatim
 NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
@@ -273,28 +274,133 @@ def _identity(batch: Any) -> Any:
 
 def _tabular(cfg: SplitConfig, key: str, trained: Sequence[str] | None) -> tuple[Raw, tuple[str, ...]]:
     """(Raw, feature names). `trained`: the train split's feature names, which this split's columns
-    must hold (by name)."""
+    must hold (by name).
+
+    Streamed (`_tabular_streamed`): the features go a chunk of rows at a time into one float32 array, so the
+    whole file is never held as a DataFrame (peak ~ the float32 features for Parquet, twice that for csv, whose
+    row count is unknown until the end). A file that cannot be streamed to exactly what the whole-frame read
+    gives (any error, or a column whose inferred type differs between chunks) is read whole
+    (`_tabular_whole`), which also raises the error messages."""
     path = existing(cfg.path, f"{key}.path", file=True)
+    try:
+        return _tabular_streamed(path, cfg, key, trained)
+    except Exception:  # noqa: BLE001 - pandas/pyarrow raise many types; the whole-frame read is the reference
+        return _tabular_whole(path, cfg, key, trained)
+
+
+def _tabular_whole(path: Path, cfg: SplitConfig, key: str, trained: Sequence[str] | None
+                   ) -> tuple[Raw, tuple[str, ...]]:
+    """The file read into one DataFrame: the reference for `_tabular_streamed`, and what names any error."""
     df = _read_table(path, cfg, key)
     df.columns = cols = [str(c) for c in df.columns]
     _require(key, {**_named(cfg), "features": list(cfg.features or []) if trained is None else []}, cols,
              "column", path.name)
     ids = _ids(df[cfg.id], key) if cfg.id else [str(i) for i in range(len(df))]
+    features = _feature_names(cfg, key, trained, cols, path.name)
+    x = _numeric_features(df[features], ids, key)
+    extra = df[_extra_names(cfg)].reset_index(drop=True)
+    return Raw(ids, df[cfg.label].to_numpy(), None, x, b"", extra), tuple(features)  # x is hashed, not the file
+
+
+class _Unstreamable(Exception):
+    """The chunks of a file disagree on a column's type: the whole-frame read could differ, so it is used."""
+
+
+def _tabular_streamed(path: Path, cfg: SplitConfig, key: str, trained: Sequence[str] | None
+                      ) -> tuple[Raw, tuple[str, ...]]:
+    """`_tabular_whole`'s result without holding the file as one DataFrame: the columns other than the features
+    (label, id, group, carry: small) are kept whole, the features converted chunk by chunk."""
+    cols = _parquet_columns(path) if cfg.format == "parquet" else [str(c) for c in pd.read_csv(path, nrows=0).columns]
+    _require(key, {**_named(cfg), "features": list(cfg.features or []) if trained is None else []}, cols,
+             "column", path.name)
+    features = _feature_names(cfg, key, trained, cols, path.name)
+    others = list(dict.fromkeys(c for c in (cfg.label, cfg.id, cfg.group, *cfg.carry) if c))
+    read = _parquet_streamed if cfg.format == "parquet" else _csv_streamed
+    small, ids, x = read(path, others, features, cfg, key)
+    extra = small[_extra_names(cfg)].reset_index(drop=True)
+    return Raw(ids, small[cfg.label].to_numpy(), None, x, b"", extra), tuple(features)  # x is hashed, not the file
+
+
+def _feature_names(cfg: SplitConfig, key: str, trained: Sequence[str] | None, cols: list[str],
+                   file: str) -> list[str]:
+    """The feature columns, in order: the train split's, `features`, or every column the config does not name."""
     taken = {cfg.label, cfg.id, cfg.group, *cfg.carry}
     clash = [c for c in (cfg.features or trained or ()) if c in taken]
     if clash:
         raise ConfigError(f"{key}.features: {clash[0]!r} is also the label, id, group or a carry column")
     if trained is not None:
-        features = _trained_features(cfg, key, list(trained), cols, taken, path.name)
+        features = _trained_features(cfg, key, list(trained), cols, taken, file)
     else:
         features = list(cfg.features) if cfg.features is not None else [c for c in cols if c not in taken]
     if not features:
-        raise ConfigError(f"{key}.features: no feature columns left in {path.name}", hint="list them in features")
+        raise ConfigError(f"{key}.features: no feature columns left in {file}", hint="list them in features")
     if len(set(features)) != len(features):
         raise ConfigError(f"{key}.features: {_first_repeat(features)!r} is listed twice")
-    x = _numeric_features(df[features], ids, key)
-    extra = df[_extra_names(cfg)].reset_index(drop=True)
-    return Raw(ids, df[cfg.label].to_numpy(), None, x, b"", extra), tuple(features)  # x is hashed, not the file
+    return features
+
+
+def _same_types(types: dict[str, Any], chunk: pd.DataFrame) -> None:
+    """Record each column's type in `types` (from its first chunk); _Unstreamable if `chunk` has another."""
+    for name, dtype in chunk.dtypes.items():
+        if types.setdefault(str(name), dtype) != dtype:
+            raise _Unstreamable(f"column {name!r} has type {dtype} in one chunk, {types[str(name)]} in another")
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    """The columns `pd.read_parquet` gives (index columns stored by pandas left out), as text."""
+    import pyarrow.parquet as pq
+
+    return [str(c) for c in pq.ParquetFile(path).schema_arrow.empty_table().to_pandas().columns]
+
+
+def _parquet_streamed(path: Path, others: list[str], features: list[str], cfg: SplitConfig, key: str
+                      ) -> tuple[pd.DataFrame, list[str], torch.Tensor]:
+    """(the `others` columns as `pd.read_parquet` reads them, the ids, the features (n, F) float32): per row
+    group, a few feature columns at a time (about CHUNK_VALUES numbers) written into one preallocated array. Column
+    subsets, not record batches: pyarrow decodes a whole row group for `iter_batches` (pandas writes 1M-row
+    groups), so batches of rows held ~3x the features at once here, while a column subset decodes only itself."""
+    import pyarrow.parquet as pq
+
+    small = pd.read_parquet(path, columns=others)
+    small.columns = [str(c) for c in small.columns]
+    file = pq.ParquetFile(path)
+    meta = file.metadata
+    if len(small) != meta.num_rows:
+        raise _Unstreamable("row counts differ")
+    ids = _ids(small[cfg.id], key) if cfg.id else [str(i) for i in range(meta.num_rows)]
+    x = np.empty((meta.num_rows, len(features)), dtype=np.float32)
+    start, types = 0, {}
+    for group in range(meta.num_row_groups):
+        rows = meta.row_group(group).num_rows
+        width = max(1, CHUNK_VALUES // max(rows, 1))
+        for c in range(0, len(features), width):
+            frame = file.read_row_group(group, columns=features[c : c + width]).to_pandas()
+            _same_types(types, frame)
+            if len(frame) != rows:
+                raise _Unstreamable("row counts differ")
+            x[start : start + rows, c : c + width] = _numeric_features(frame, ids[start : start + rows], key).numpy()
+        start += rows
+    return small, ids, torch.from_numpy(x)
+
+
+def _csv_streamed(path: Path, others: list[str], features: list[str], cfg: SplitConfig, key: str
+                  ) -> tuple[pd.DataFrame, list[str], torch.Tensor]:
+    """(the `others` columns, the ids, the features (n, F) float32) from chunks of rows read as `_read_table`
+    reads the whole file; the float32 chunks are joined at the end. Errors name chunk rows, not ids: any error
+    sends the file to `_tabular_whole`, whose message is the one shown."""
+    parts, blocks, types = [], [], {}
+    rows = max(1024, CHUNK_VALUES // (len(features) + len(others)))
+    for chunk in pd.read_csv(path, chunksize=rows, **_csv_options(path, cfg)):
+        chunk.columns = [str(c) for c in chunk.columns]
+        _same_types(types, chunk)
+        blocks.append(_numeric_features(chunk[features], [str(i) for i in range(len(chunk))], key).numpy())
+        parts.append(chunk[others])
+    if not parts:
+        raise _Unstreamable("no rows")
+    small = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+    ids = _ids(small[cfg.id], key) if cfg.id else [str(i) for i in range(len(small))]
+    x = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    return small, ids, torch.from_numpy(x)
 
 
 def _text(cfg: SplitConfig, key: str) -> Raw:
@@ -317,21 +423,25 @@ def _text(cfg: SplitConfig, key: str) -> Raw:
 
 def _read_table(path: Path, cfg: SplitConfig, key: str) -> pd.DataFrame:
     """The file as a DataFrame; csv ids and text as text, verbatim ("NA", "None", "007" stay what they are)."""
-    verbatim = [c for c in (cfg.id, *(cfg.text or ())) if c]
     try:
         if cfg.format == "parquet":
             return pd.read_parquet(path)
-        if not verbatim:
-            return pd.read_csv(path)
-        header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
-        na = {c: NA_STRINGS for c in header if c not in verbatim}
-        return pd.read_csv(path, dtype={c: str for c in verbatim if c in header} or None, keep_default_na=False,
-                           na_values=na)
+        return pd.read_csv(path, **_csv_options(path, cfg))
     except pd.errors.EmptyDataError:
         raise DataError(f"{key}.path: {path} is empty (no header row, no rows)", hint="check the file") from None
     except Exception as e:  # pandas/pyarrow raise many types for unreadable files
         raise ConfigError(f"{key}.path: cannot read {path} as {cfg.format} ({type(e).__name__}: {e})",
                           hint=f"check the file, or set {key}.format") from e
+
+
+def _csv_options(path: Path, cfg: SplitConfig) -> dict[str, Any]:
+    """pd.read_csv's options: the id and text columns as text, verbatim; pandas' NA strings elsewhere."""
+    verbatim = [c for c in (cfg.id, *(cfg.text or ())) if c]
+    if not verbatim:
+        return {}
+    header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
+    na = {c: NA_STRINGS for c in header if c not in verbatim}
+    return {"dtype": {c: str for c in verbatim if c in header} or None, "keep_default_na": False, "na_values": na}
 
 
 def _trained_features(cfg: SplitConfig, key: str, trained: list[str], cols: list[str], taken: set[Any],
