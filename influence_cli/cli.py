@@ -200,7 +200,7 @@ def _text_columns(cfg: Any) -> list[str]:
     return [] if not text else [text] if isinstance(text, str) else list(text)
 
 
-@app.command()
+@app.command(short_help='Rank every training example by how likely its label is wrong.')
 def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
               as_json: JsonOpt = False, debug: DebugOpt = False, top: TopOpt = 10,
               fail_above: Annotated[float | None, typer.Option(
@@ -261,7 +261,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
     raise typer.Exit(1 if breached else 0)
 
 
-@app.command()
+@app.command(short_help='Influence of every training example on test examples.')
 def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
          as_json: JsonOpt = False, debug: DebugOpt = False,
          top: Annotated[int, typer.Option(min=1, help="Rows per test example in helpful/harmful.csv.")] = 10,
@@ -313,7 +313,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     raise typer.Exit(0)
 
 
-@app.command()
+@app.command(short_help='Retrain without a sample of examples: can the scores be trusted?')
 def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
            as_json: JsonOpt = False, debug: DebugOpt = False,
            samples: Annotated[int, typer.Option(
@@ -370,7 +370,7 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
     raise typer.Exit(1 if breached else 0)
 
 
-@app.command("fix")
+@app.command("fix", short_help='Write a corrected copy of the data with the suggested labels.')
 def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
          as_json: JsonOpt = False, debug: DebugOpt = False,
          top: Annotated[int | None, typer.Option(min=1, help="Fix the first K rows of selfcheck.csv.")] = None,
@@ -405,7 +405,7 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     raise typer.Exit(0)
 
 
-@app.command()
+@app.command(short_help='One test example and its most helpful and harmful training rows.')
 def explain(test_id: Annotated[str, typer.Argument(help="The id of one test example (data.test's id column).")],
             config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
             as_json: JsonOpt = False, debug: DebugOpt = False,
@@ -434,7 +434,7 @@ def explain(test_id: Annotated[str, typer.Argument(help="The id of one test exam
     raise typer.Exit(0)
 
 
-@app.command("report")
+@app.command("report", short_help='A self-contained HTML audit page (report.html).')
 def report_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
             as_json: JsonOpt = False, debug: DebugOpt = False,
             history: Annotated[Path | None, typer.Option(
@@ -472,7 +472,7 @@ def report_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Q
     raise typer.Exit(0)
 
 
-@app.command()
+@app.command(short_help='Write a commented config inferred from the data.')
 def init(data: Annotated[Path, typer.Argument(help="The training data: a CSV/Parquet file, an image folder, or"
                                                    " a .pt/.npz tensors file.")],
          test: Annotated[Path | None, typer.Option(help="The test data (default: a sibling named test...).")] = None,
@@ -500,7 +500,7 @@ def init(data: Annotated[Path, typer.Argument(help="The training data: a CSV/Par
     raise typer.Exit(0)
 
 
-@app.command()
+@app.command(short_help='New, persistent and resolved suspects between two selfchecks.')
 def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier selfcheck report.")],
          new_dir: Annotated[Path, typer.Argument(help="Folder of the later selfcheck report.")],
          out: Annotated[Path | None, typer.Option("--out", "-o", help="Where diff.csv goes (default NEW_DIR).")]
@@ -532,7 +532,7 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
     raise typer.Exit(1 if breached else 0)
 
 
-@app.command()
+@app.command(short_help='Train the configured model and write model.checkpoint.')
 def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
           as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Train the configured model on the training set and write model.checkpoint.
@@ -556,7 +556,7 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     raise typer.Exit(0)
 
 
-@app.command()
+@app.command(short_help='Validate config, data and model; estimate time and memory.')
 def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
           as_json: JsonOpt = False, debug: DebugOpt = False,
           show_config: Annotated[bool, typer.Option(help="Also print the resolved config.")] = False) -> None:

@@ -417,6 +417,21 @@ def test_every_spec_command_takes_the_common_options(command, capsys):
         assert option in out, (command, option)
 
 
+def test_command_summaries_in_infl_help_are_whole_on_an_80_column_terminal(capsys, monkeypatch):
+    """Click cuts a command's summary with '...' to fit the terminal: each command's short_help fits 80 columns
+    whole, and every command is listed."""
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    listed = out[out.index("Commands:"):].splitlines()[1:]
+    names = {line.split()[0] for line in listed if line.strip()}
+    assert {"selfcheck", "rank", "verify", "fix", "explain", "report", "init", "diff", "train", "check"} <= names
+    for line in listed:
+        assert "..." not in line and len(line) <= 80, line
+
+
 def test_stdout_closed_by_the_reader_is_a_quiet_exit_0(cfg, tmp_path):
     """`infl selfcheck | head -1`: the reader goes away; no message, no traceback, the command's own code."""
     import subprocess
