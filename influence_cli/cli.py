@@ -205,7 +205,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
               as_json: JsonOpt = False, debug: DebugOpt = False, top: TopOpt = 10,
               fail_above: Annotated[float | None, typer.Option(
                   min=0.0, max=1.0, help="Exit 1 when the flagged fraction of the training set exceeds this.")] = None,
-              rank_by: Annotated[str, typer.Option(help="Sort order: suspicion (default) | self_influence | loo_loss | loss.")]
+              rank_by: Annotated[str, typer.Option(metavar="[suspicion|self_influence|loo_loss|loss]", help="Sort order: suspicion (default) | self_influence | loo_loss | loss.")]
               = "suspicion",
               damping_sweep: SweepOpt = False, no_cache: NoCacheOpt = False,
               group_by: Annotated[str | None, typer.Option(
@@ -213,7 +213,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
                        " writes selfcheck_groups.csv.")] = None,
               shard: ShardOpt = None, merge: MergeOpt = False,
               gallery: Annotated[str, typer.Option(
-                  help="Image data: sheet (suspects.png, the top suspects) | per-class (suspects_<label>.png)"
+                  metavar="[sheet|per-class|none]", help="Image data: sheet (suspects.png, the top suspects) | per-class (suspects_<label>.png)"
                        " | none.")] = "sheet",
               cross_fit: Annotated[int | None, typer.Option(
                   "--cross-fit", metavar="K", min=2,
@@ -271,7 +271,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
          damping_sweep: SweepOpt = False,
          knn: Annotated[int | None, typer.Option(
              min=1, help="FastIF: score only each test row's K nearest training rows (by --knn-metric).")] = None,
-         knn_metric: Annotated[str, typer.Option(help="kfac | grad | cosine | l2: kfac (default) keeps the K most"
+         knn_metric: Annotated[str, typer.Option(metavar="[kfac|grad|cosine|l2]", help="kfac | grad | cosine | l2: kfac (default) keeps the K most"
                                                       " helpful + K most harmful by a K-FAC influence estimate; grad"
                                                       " by gradient dot products; cosine / l2 are FastIF's, in the"
                                                       " last Linear layer's input features.")] = "kfac",

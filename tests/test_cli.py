@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -430,6 +431,26 @@ def test_command_summaries_in_infl_help_are_whole_on_an_80_column_terminal(capsy
     assert {"selfcheck", "rank", "verify", "fix", "explain", "report", "init", "diff", "train", "check"} <= names
     for line in listed:
         assert "..." not in line and len(line) <= 80, line
+
+
+@pytest.mark.parametrize(("command", "option", "choices"), [
+    ("selfcheck", "--rank-by", "influence_cli.commands.selfcheck:RANK_BY"),
+    ("selfcheck", "--gallery", "influence_cli.commands.selfcheck:GALLERIES"),
+    ("rank", "--knn-metric", "influence_cli.knn:METRICS")])
+def test_choice_options_show_their_choices_as_the_metavar(command, option, choices, capsys, monkeypatch):
+    """The metavar lists exactly the values the command accepts (the list lives in cli.py as text so that
+    --help imports no torch: this keeps the two equal)."""
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "200")
+    module, name = choices.split(":")
+    accepted = set(getattr(importlib.import_module(module), name))
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    shown = re.search(re.escape(option) + r" \[([^\]]+)\]", out)
+    assert shown is not None, out
+    assert set(shown.group(1).split("|")) == accepted
 
 
 def test_stdout_closed_by_the_reader_is_a_quiet_exit_0(cfg, tmp_path):
