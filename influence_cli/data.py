@@ -568,6 +568,9 @@ def _labels(values: Any, ids: list[str], key: str, task: str, classes: list[str]
 
 
 def _numeric_features(df: pd.DataFrame, ids: list[str], key: str) -> torch.Tensor:
+    """df's columns as one C-contiguous (rows, columns) float32 tensor (pandas gives a single-dtype frame
+    column-major: rows are then contiguous for the batches, and the layout does not depend on how the file was
+    chunked); DataError naming the column and row ids for text, NaN/inf or values beyond float32."""
     for col in df.columns:
         if not (pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col])):
             coerced = pd.to_numeric(df[col], errors="coerce")
@@ -591,7 +594,7 @@ def _numeric_features(df: pd.DataFrame, ids: list[str], key: str) -> torch.Tenso
                             f"range (|x| > {FLOAT32_MAX:.3g})", hint="rescale those columns or fix the values")
         raise DataError(f"{key}: missing, NaN or inf features ({', '.join(cols[:5])}) at row ids "
                         f"{_name_rows(ids, bad_rows)}", hint="fill or drop those rows")
-    return torch.from_numpy(x)
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _ids(col: pd.Series, key: str) -> list[str]:
