@@ -18,7 +18,7 @@ import torch
 from .. import report
 from ..cache import content_key
 from ..errors import ConfigError
-from ..factored import ekfac_scored_rows
+from ..factored import FactoredGradients, ekfac_scored_rows
 from ..gradients import GradientSource
 from ..health import accuracy_warnings, class_table, group_table
 from ..run import PhaseFn, Report, Run
@@ -259,8 +259,10 @@ def _score_shard(run: Run, rows: range, tick: PhaseFn | None) -> dict[str, Any]:
         blocks: Any = ekfac_scored_rows(problem, solver.state(), loader, tick, run.train.n, run.train.ids)
     elif scorer is not None:
         blocks = scorer.self_influence_blocks(loader, tick, run.train.n, run.train.ids)
-    else:
-        blocks = GradientSource(problem).per_example(loader, run.train.ids, tick, run.train.n)
+    else:  # per-example gradients from layer factors where the model allows (as rank's), else vmap
+        factored, _ = FactoredGradients.plan(problem)
+        blocks = (factored.per_example(loader, run.train.ids, tick, run.train.n, reuse=True) if factored is not None
+                  else GradientSource(problem).per_example(loader, run.train.ids, tick, run.train.n))
     out = {"si": torch.zeros(count, dtype=torch.float64), "loss": torch.zeros(count, dtype=torch.float64),
            "pred": torch.zeros(count, dtype=torch.float64 if run.cfg.task == "regression" else torch.int64),
            "prob": torch.zeros(count, dtype=torch.float64),
