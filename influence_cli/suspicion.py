@@ -123,11 +123,13 @@ def flag_errors(labels: np.ndarray, probs: np.ndarray, *, confidence: float = 0.
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
         draws = np.empty(bootstrap)
+        label_probs = probs[np.arange(n), y]
         for b in range(bootstrap):
-            rows = rng.integers(0, n, n)
-            yb = y[rows]
-            sb, cb = _confident_class(yb, probs[rows])
-            draws[b] = _calibrated_off_diagonal(yb, sb, cb, classes) @ np.bincount(yb, minlength=classes) / n
+            # a resample of rows is a count per row: the same draw as probs[rows], without copying (n, C)
+            weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+            sb, cb = _confident_class(y, probs, weights, label_probs)
+            draws[b] = _calibrated_off_diagonal(y, sb, cb, classes, weights) @ np.bincount(
+                y, weights=weights, minlength=classes) / n
         tail = 50.0 * (1.0 - confidence)
         lo, hi = np.percentile(draws, [tail, 100.0 - tail])
         interval = (float(min(lo, rate)), float(max(hi, rate)))
@@ -161,14 +163,16 @@ def wilson_interval(count: int, n: int, confidence: float = 0.9) -> tuple[float,
     return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
 
 
-def _confident_class(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _confident_class(y: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None,
+                     label_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(k*_i, whether any class passes its threshold): per-class thresholds t_k = mean p(k) over rows
     labeled k (a class with no rows never passes); k*_i = the likeliest class with p_i(k) >= t_k, or
-    the argmax where none does."""
+    the argmax where none does. `weights` (n,): each row counted that many times (a bootstrap draw)."""
     classes = probs.shape[1]
-    counts = np.bincount(y, minlength=classes)
-    sums = np.zeros(classes)
-    np.add.at(sums, y, probs[np.arange(len(y)), y])
+    if label_probs is None:
+        label_probs = probs[np.arange(len(y)), y]
+    counts = np.bincount(y, weights=weights, minlength=classes)
+    sums = np.bincount(y, weights=label_probs if weights is None else label_probs * weights, minlength=classes)
     thresholds = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
     above = probs >= thresholds
     confident = above.any(axis=1)
@@ -176,11 +180,14 @@ def _confident_class(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
     return np.where(confident, chosen, probs.argmax(axis=1)), confident
 
 
-def _calibrated_off_diagonal(y: np.ndarray, suggested: np.ndarray, confident: np.ndarray, classes: int) -> np.ndarray:
+def _calibrated_off_diagonal(y: np.ndarray, suggested: np.ndarray, confident: np.ndarray, classes: int,
+                             weights: np.ndarray | None = None) -> np.ndarray:
     """Per given label k: the off-diagonal share of the confident joint's row k, (C,). Calibrating
-    row k to the class's count n_k makes n_k times this the estimated number of wrong labels in it."""
-    joint = np.zeros((classes, classes))
-    np.add.at(joint, (y[confident], suggested[confident]), 1.0)
+    row k to the class's count n_k makes n_k times this the estimated number of wrong labels in it.
+    `weights` (n,): each row counted that many times."""
+    cells = y[confident] * classes + suggested[confident]
+    counted = None if weights is None else weights[confident]
+    joint = np.bincount(cells, weights=counted, minlength=classes * classes).reshape(classes, classes).astype(float)
     totals = joint.sum(axis=1)
     off = totals - np.diag(joint)
     return np.where(totals > 0, off / np.maximum(totals, 1.0), 0.0)

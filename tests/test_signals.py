@@ -293,6 +293,23 @@ def test_flags_are_seeded_and_wilson_without_bootstrap():
     assert lo == pytest.approx(0.0552, abs=1e-4) and hi == pytest.approx(0.1744, abs=1e-4)
 
 
+def test_bootstrap_by_row_counts_equals_resampling_the_rows():
+    """The interval's draws weight each row by how often the resample holds it instead of copying probs[rows]:
+    the same draws (same generator calls), so the same interval as the explicit resample."""
+    from influence_cli.suspicion import _calibrated_off_diagonal, _confident_class
+
+    labels, probs, _, _ = synthetic_noisy(n=700, classes=5)
+    flags = flag_errors(labels, probs, seed=5, bootstrap=40)
+    rng, n, draws = np.random.default_rng(5), len(labels), []
+    for _ in range(40):
+        rows = rng.integers(0, n, n)
+        yb, pb = labels[rows], probs[rows]
+        sb, cb = _confident_class(yb, pb)
+        draws.append(_calibrated_off_diagonal(yb, sb, cb, 5) @ np.bincount(yb, minlength=5) / n)
+    lo, hi = np.percentile(draws, [5.0, 95.0])
+    np.testing.assert_allclose(flags.interval, (min(lo, flags.error_rate), max(hi, flags.error_rate)), rtol=1e-12)
+
+
 def test_regression_flags_the_outlying_residuals():
     rng = np.random.default_rng(0)
     residual = rng.normal(0.0, 2.0, 1000)
