@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 from .gradients import BLOCK_BYTES, OutputHead, output_head
 from .layers import capture
 from .objective import Problem
-from .solvers import Factored, Solver
+from .solvers import Factored, Inverted, Solver
 
 Progress = Callable[[int, int], None]
 Loader = Iterable[tuple[Tensor, Tensor, Tensor]]
@@ -135,13 +134,6 @@ def loo_loss(problem: Problem, solver: Solver, loader: Loader | None = None, pro
 
 
 Kernels = Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]  # (row_idx (B,), y, outputs (B, *shape) f64, K (B, C, C))
-
-
-@runtime_checkable
-class Inverted(Protocol):
-    """A solver that gives A^-1 (the matrix its ihvp applies) as a dense (p, p) float64 matrix (direct)."""
-
-    def inverse(self) -> Tensor: ...
 
 
 def _head_kernels(problem: Problem, solver: Solver, loader: Loader, block_bytes: int) -> Kernels | None:

@@ -8,7 +8,7 @@ from ..config import SolverConfig
 from ..errors import ConfigError
 from ..objective import Problem
 from .arnoldi import ArnoldiSolver
-from .base import Cost, Factored, MemoryChecked, RowScorer, Solver, Stateful, memory_limit
+from .base import Cost, Factored, Inverted, MemoryChecked, RowScorer, Solver, Stateful, memory_limit
 from .cg import CGSolver
 from .direct import DirectSolver
 from .ekfac import EkfacSolver
@@ -46,4 +46,4 @@ def make_solver(config: SolverConfig, problem: Problem | None = None) -> Solver:
     return SOLVERS[name](config)
 
 
-__all__ = ["SOLVERS", "Cost", "Factored", "MemoryChecked", "RowScorer", "Solver", "Stateful", "choose", "make_solver"]
+__all__ = ["SOLVERS", "Cost", "Factored", "Inverted", "MemoryChecked", "RowScorer", "Solver", "Stateful", "choose", "make_solver"]

@@ -60,6 +60,13 @@ class Factored(Protocol):
 
 
 @runtime_checkable
+class Inverted(Protocol):
+    """A solver that gives A^-1 (the matrix its ihvp applies) as a dense (p, p) float64 matrix (direct)."""
+
+    def inverse(self) -> Tensor: ...
+
+
+@runtime_checkable
 class RowScorer(Protocol):
     """A solver that scores training rows from one forward and one backward pass per batch, without the (B, p)
     per-example gradients: yields per batch an object with `idx` (B,), `self_influence` (B,), `losses` (B,),
