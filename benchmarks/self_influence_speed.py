@@ -29,48 +29,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_test_speed import BATCH, DAMPING, WEIGHT_DECAY, build, infl  # noqa: E402
+from train_test_speed import BATCH, DAMPING, WEIGHT_DECAY, build, infl, kronfluence_analyzer  # noqa: E402
 
-from influence_cli.config import ModelConfig  # noqa: E402
 from influence_cli.stats import spearman  # noqa: E402
 
 
 def kronfluence_worker(work: Path, threads: int) -> None:
     """EK-FAC factors and self scores with kronfluence; prints a JSON line, saves the (n,) scores."""
-    torch.set_num_threads(threads)
-    from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
 
-    from influence_cli.models import load_model
-
-    config = json.loads((work / "config.yaml").read_text())
-    cfg = ModelConfig(arch=config["model"]["arch"], kwargs=config["model"]["kwargs"], checkpoint=work / "model.pt")
-    model = load_model(cfg, torch.device("cpu"))
-    frame = pd.read_parquet(work / "train.parquet")
-    train = torch.utils.data.TensorDataset(torch.tensor(frame.drop(columns=["id", "label"]).to_numpy(np.float32)),
-                                           torch.tensor(frame.label.to_numpy()))
-
-    class Classify(Task):
-        def compute_train_loss(self, batch, model, sample=False):  # noqa: ANN001, ANN201
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(logits.softmax(1), 1).flatten()
-            return nn.functional.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):  # noqa: ANN001, ANN201
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y, reduction="sum")
-
-    task = Classify()
-    model = prepare_model(model, task)
-    analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(work / "kronfluence"))
+    analyzer, tensors = kronfluence_analyzer(work, threads)
+    train = tensors("train")
     start = time.perf_counter()
     analyzer.fit_all_factors("ekfac", train, per_device_batch_size=BATCH, overwrite_output_dir=True,
                              factor_args=FactorArguments(strategy="ekfac"))

@@ -105,12 +105,11 @@ def infl(config: Path, command: str, out: Path, threads: int, legacy: bool, *ext
 
 
 # ---- kronfluence (its own process) -------------------------------------------------------------------------------
-def kronfluence_worker(work: Path, threads: int) -> None:
-    """EK-FAC factors and pairwise scores with kronfluence on the workload; prints a JSON line, saves the (T, n)
-    scores to work/kronfluence_scores.npy."""
+def kronfluence_analyzer(work: Path, threads: int):  # noqa: ANN201
+    """(kronfluence Analyzer on the workload's model with a cross-entropy Task, tensors(split name) -> its
+    TensorDataset): the setup both kronfluence workers (here and self_influence_speed.py) share."""
     torch.set_num_threads(threads)
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
     from influence_cli.models import load_model
@@ -137,10 +136,18 @@ def kronfluence_worker(work: Path, threads: int) -> None:
             x, y = batch
             return nn.functional.cross_entropy(model(x), y, reduction="sum")
 
-    train, test = tensors("train"), tensors("test")
     task = Classify()
     model = prepare_model(model, task)
-    analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(work / "kronfluence"))
+    return Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(work / "kronfluence")), tensors
+
+
+def kronfluence_worker(work: Path, threads: int) -> None:
+    """EK-FAC factors and pairwise scores with kronfluence on the workload; prints a JSON line, saves the (T, n)
+    scores to work/kronfluence_scores.npy."""
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    analyzer, tensors = kronfluence_analyzer(work, threads)
+    train, test = tensors("train"), tensors("test")
     start = time.perf_counter()
     analyzer.fit_all_factors("ekfac", train, per_device_batch_size=BATCH, overwrite_output_dir=True,
                              factor_args=FactorArguments(strategy="ekfac"))
