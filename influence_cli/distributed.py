@@ -105,7 +105,8 @@ def start(device: torch.device) -> World:
     """Join torchrun's process group (gloo on CPU, NCCL on CUDA); the World of this process."""
     global _world
     env = environment()
-    assert env is not None, "start() outside torchrun"
+    if env is None:  # an internal invariant (callers check environment() first): exit 4, not a silent pass
+        raise RuntimeError("internal: distributed.start() outside a torchrun process")
     if _world is not None and _world.live:
         return _world
     import torch.distributed as dist
