@@ -1,4 +1,4 @@
-"""`infl`: thin Typer commands over `commands/`. Errors map to exit codes in `_run_command` only.
+"""`infl`: thin Typer commands over `commands/`. Errors map to exit codes in `cli_runtime.run_command` only.
 
 stdout carries tables (or, with --json, one JSON document and nothing else); progress bars,
 warnings and errors go to stderr. Exit codes (SPEC): 0 done, 1 threshold breached, 2 bad usage or
@@ -7,23 +7,18 @@ config, 3 unusable data or model, 4 internal error, 130 interrupted.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from . import render
-from .config import Config, load_config
-from .errors import ConfigError, InflError
+from .cli_runtime import load_cli_config, out_dir, parse_shard, run_command, split_ids, torch_threads
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # the library imports torch (seconds): commands import it when they run, so --help is instant
-    from .run import ProgressFn, Report  # noqa: F401
+    from .run import Report  # noqa: F401
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Influence functions for dataset debugging: find mislabeled "
@@ -55,118 +50,6 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress, no tables:
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout and nothing else.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache (cache.dir) this run.")]
-
-
-_interrupted = threading.Event()
-
-
-def _terminate(_signum: int, _frame: Any) -> None:
-    _interrupted.set()  # an error raised while unwinding from here is still an interruption
-    raise KeyboardInterrupt  # SIGTERM (cron timeouts, kill) stops like Ctrl-C: exit 130, finished shards kept
-
-
-_resumable = threading.Event()  # set when this command keeps finished shards in the cache
-
-
-def _interrupted_message() -> str:
-    resume = (", finished shards are kept in the cache: rerun the same command to resume" if _resumable.is_set()
-              else "")
-    return f"error: interrupted; reports and checkpoints from earlier runs are untouched{resume}"
-
-
-@contextmanager
-def _run_command(debug: bool, ui: render.UI | None = None) -> Iterator[None]:
-    """The one place errors become exit codes. `ui`'s status line and bars end (and its warnings print)
-    before any error line."""
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        _interrupted.clear()
-        _resumable.clear()
-        previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            yield
-        finally:
-            if ui is not None:
-                ui.close()
-    except InflError as e:
-        if debug:
-            raise
-        render.stderr_console().print(f"error: {e.message}")
-        if e.hint:
-            render.stderr_console().print(f"  hint: {e.hint}")
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        render.stderr_console().print(_interrupted_message())
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
-    except Exception as e:  # noqa: BLE001 - anything else is a bug
-        if debug:
-            raise
-        if _interrupted.is_set():  # e.g. a KeyboardInterrupt that C++ code turned into a RuntimeError
-            render.stderr_console().print(_interrupted_message())
-            raise typer.Exit(130) from None
-        render.stderr_console().print(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it")
-        raise typer.Exit(4) from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _split_ids(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def _out_dir(cfg: Config, out: Path | None) -> Path:
-    return out.resolve() if out is not None else cfg.output.dir
-
-
-def _load(config: Path, overrides: list[str] | None, out: Path | None = None, *, no_cache: bool = False,
-          cache: bool = True) -> Config:
-    """The validated config; cache.dir defaults to <report folder>/.infl-cache (off with --no-cache);
-    the config's folder and the current directory go on sys.path, where `module:function` hooks live."""
-    cfg = load_config(config, overrides or [])
-    for folder in (str(Path.cwd()), str(cfg.source.parent) if cfg.source else None):
-        if folder and folder not in sys.path:
-            sys.path.insert(0, folder)
-    if not cache:
-        return cfg
-    folder = cfg.cache.dir if cfg.cache.dir is not None else _out_dir(cfg, out) / ".infl-cache"
-    cfg = replace(cfg, cache=replace(cfg.cache, dir=folder, enabled=cfg.cache.enabled and not no_cache))
-    if cfg.cache.enabled:
-        _resumable.set()
-    return cfg
-
-
-@contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op threads for one command (the library never sets them), restored after."""
-    if count is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _job(shard: str | None, merge: bool) -> tuple[int, int] | None:
-    """--shard i/N as (i, N), 0 <= i < N; ConfigError for anything else."""
-    if shard is not None and merge:
-        raise ConfigError("--shard and --merge: give one (the jobs with --shard, then one run with --merge)")
-    if shard is None:
-        return None
-    i, _, n = shard.partition("/")
-    if not (i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
-        raise ConfigError(f"--shard: {shard!r} is not i/N with 0 <= i < N", hint="for example --shard 0/4")
-    return int(i), int(n)
 
 
 def _shard_done(ui: render.UI, result: Report) -> None:
@@ -224,7 +107,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
     Example: infl selfcheck -c configs/digits.yaml --top 20 --fail-above 0.15
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl selfcheck: reading {config}")
         from . import report
         from .commands.selfcheck import SelfcheckOptions
@@ -233,8 +116,8 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
 
         options = SelfcheckOptions(rank_by=rank_by, damping_sweep=damping_sweep, group_by=group_by, gallery=gallery,
                                    cross_fit=cross_fit)
-        job = _job(shard, merge)
-        cfg = _load(config, set_, out, no_cache=no_cache)
+        job = parse_shard(shard, merge)
+        cfg = load_cli_config(config, set_, out, no_cache=no_cache)
         ui.begin(render.loading_line(cfg, "selfcheck"))
         with ui.progress() as progress:
             run = Run.open(cfg, "selfcheck", progress)
@@ -243,7 +126,7 @@ def selfcheck(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet:
         if job is not None:
             _shard_done(ui, result)
             raise typer.Exit(0)
-        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        files = report.write_atomic(out_dir(cfg, out), result.tables, result.manifest)
         s = result.summary
         breached = fail_above is not None and s["flagged_fraction"] > fail_above
         ui.finish(result, files, {"threshold_breached": breached})
@@ -281,17 +164,17 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     Example: infl rank -c configs/digits.yaml --test-ids d0022,d0105 --top 5
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl rank: reading {config}")
         from . import report
         from .commands.rank import RankOptions
         from .commands.rank import rank as rank_command
         from .run import Run
 
-        options = RankOptions(top=top, test_ids=_split_ids(test_ids), group_by=group_by, knn=knn,
+        options = RankOptions(top=top, test_ids=split_ids(test_ids), group_by=group_by, knn=knn,
                               knn_metric=knn_metric, damping_sweep=damping_sweep)
-        job = _job(shard, merge)
-        cfg = _load(config, set_, out, no_cache=no_cache)
+        job = parse_shard(shard, merge)
+        cfg = load_cli_config(config, set_, out, no_cache=no_cache)
         ui.begin(render.loading_line(cfg, "rank"))
         with ui.progress() as progress:
             run = Run.open(cfg, "rank", progress, need_test=True)
@@ -300,7 +183,7 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
         if job is not None:
             _shard_done(ui, result)
             raise typer.Exit(0)
-        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        files = report.write_atomic(out_dir(cfg, out), result.tables, result.manifest)
         ui.finish(result, files)
         if ui.show:
             overall = result.tables["overall.csv"]
@@ -337,7 +220,7 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
     Example: infl verify -c configs/digits.yaml --samples 20 --min-pearson 0.9
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl verify: reading {config}")
         from . import report
         from .commands.fixcheck import FixCheckOptions, fix_check
@@ -347,16 +230,16 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
 
         if fix is None and (remove or min_gain is not None):
             raise ConfigError("--remove and --min-gain go with --fix FILE", hint="infl fix writes fixes.csv")
-        cfg = _load(config, set_, cache=False)
+        cfg = load_cli_config(config, set_, cache=False)
         ui.begin(render.loading_line(cfg, "verify"))
         with ui.progress() as progress:
             run = Run.open(cfg, "verify", progress, need_test=True)
-            with _torch_threads(retrain_threads(run)):
-                result = (fix_check(run, FixCheckOptions(fix, remove, tuple(_split_ids(test_ids) or ()) or None))
+            with torch_threads(retrain_threads(run)):
+                result = (fix_check(run, FixCheckOptions(fix, remove, tuple(split_ids(test_ids) or ()) or None))
                           if fix is not None else
-                          verify_command(run, VerifyOptions(samples=samples, test_ids=_split_ids(test_ids),
+                          verify_command(run, VerifyOptions(samples=samples, test_ids=split_ids(test_ids),
                                                             groups=groups, group_by=group_by, workers=workers)))
-        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        files = report.write_atomic(out_dir(cfg, out), result.tables, result.manifest)
         s = result.summary
         breached = (fix is None and min_pearson is not None and not (s["pearson"] >= min_pearson)) or (
             fix is not None and min_gain is not None and not (s["accuracy_gain"] >= min_gain))
@@ -386,16 +269,16 @@ def fix_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
     Example: infl fix -c configs/digits.yaml --flagged && infl verify -c configs/digits.yaml --fix reports/digits/fixes.csv
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl fix: reading {config}")
         from . import report
         from .commands.fix import FixOptions
         from .commands.fix import fix as fix_command
 
         options = FixOptions(top=top, flagged=flagged, accept=accept, copy_images=copy_images)
-        cfg = _load(config, set_, cache=False)
+        cfg = load_cli_config(config, set_, cache=False)
         ui.begin(render.loading_line(cfg, "fix"))
-        folder = _out_dir(cfg, out)
+        folder = out_dir(cfg, out)
         result, extra = fix_command(cfg, folder, options)
         files = report.write_atomic(folder, {**result.tables, **extra}, result.manifest)
         ui.finish(result, files)
@@ -416,18 +299,18 @@ def explain(test_id: Annotated[str, typer.Argument(help="The id of one test exam
     Example: infl explain d0022 -c configs/digits.yaml --top 5
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl explain: reading {config}")
         from . import report
         from .commands.explain import ExplainOptions
         from .commands.explain import explain as explain_command
         from .run import Run
 
-        cfg = _load(config, set_, out, no_cache=no_cache)
+        cfg = load_cli_config(config, set_, out, no_cache=no_cache)
         ui.begin(render.loading_line(cfg, "explain"))
         with ui.progress() as progress:
             result = explain_command(Run.open(cfg, "explain", progress, need_test=True), ExplainOptions(test_id, top))
-        files = report.write_atomic(_out_dir(cfg, out), result.tables, result.manifest)
+        files = report.write_atomic(out_dir(cfg, out), result.tables, result.manifest)
         ui.finish(result, files)
         if ui.show:
             render.explain_panel(ui, result.summary, result.tables["explain.csv"], files)
@@ -445,7 +328,7 @@ def report_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Q
     Needs the [report] extra (matplotlib) for its plot. Example: infl report -c configs/digits_images.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl report: reading {config}")
         import pandas as pd
 
@@ -454,9 +337,9 @@ def report_(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Q
         from .data import load_split
         from .html_report import render_report
 
-        cfg = _load(config, set_, cache=False)
+        cfg = load_cli_config(config, set_, cache=False)
         ui.begin(render.loading_line(cfg, "report"))
-        folder = _out_dir(cfg, out)
+        folder = out_dir(cfg, out)
         table = (pd.read_csv(folder / "selfcheck.csv", dtype=str, keep_default_na=False, usecols=["id"])
                  if (folder / "selfcheck.csv").is_file() else None)  # render_report names a missing one
         thumbs = {}
@@ -489,7 +372,7 @@ def init(data: Annotated[Path, typer.Argument(help="The training data: a CSV/Par
     Example: infl init data/train.csv --test data/test.csv -c infl.yaml && infl check -c infl.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl init: reading {data}")
         from .init_config import infer_config, write_config
 
@@ -512,7 +395,7 @@ def diff(old_dir: Annotated[Path, typer.Argument(help="Folder of the earlier sel
     Example: infl diff reports/yesterday reports/today --fail-on-new 10
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl diff: reading {old_dir} and {new_dir}")
         from . import report
         from .diff import diff_reports
@@ -541,12 +424,12 @@ def train(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     Example: infl train -c configs/digits.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl train: reading {config}")
         from .commands.train import train as train_command
         from .run import Run
 
-        cfg = _load(config, set_, cache=False)
+        cfg = load_cli_config(config, set_, cache=False)
         ui.begin(render.loading_line(cfg, "train"))
         with ui.progress() as progress:
             result = train_command(Run.open(cfg, "train", progress, fresh_model=True))
@@ -566,12 +449,12 @@ def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
     Example: infl check -c configs/digits.yaml
     """
     ui = render.UI(quiet, as_json)
-    with _run_command(debug, ui):
+    with run_command(debug, ui):
         ui.begin(f"infl check: reading {config}")
         from .commands.check import check as check_command
         from .run import Run
 
-        cfg = _load(config, set_, out)
+        cfg = load_cli_config(config, set_, out)
         ui.begin(render.loading_line(cfg, "check"))
         result = check_command(Run.open(cfg, "check", need_test=cfg.data.test is not None))
         ui.finish(result, [])

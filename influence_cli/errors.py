@@ -1,4 +1,4 @@
-"""One exception hierarchy; the CLI maps each class to an exit code in one place (cli._run_command)."""
+"""One exception hierarchy; the CLI maps each class to an exit code in one place (cli_runtime.run_command)."""
 
 from __future__ import annotations
 
