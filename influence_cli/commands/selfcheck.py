@@ -35,6 +35,7 @@ from ..suspicion import (
     SUSPICION_METHOD_REGRESSION,
     class_probs,
     flag_errors,
+    fit_temperature,
     flag_residuals,
     label_margin,
     suspicion,
@@ -127,6 +128,7 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
         "loo_loss_method": audit["loo_method"],
         "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
         "estimated_error_rate": flags.error_rate, "estimated_error_rate_ci90": list(flags.interval),
+        **({"oof_temperature": audit["oof_temperature"]} if "oof_temperature" in audit else {}),
         "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
     }
     if classification and float(loss.mean()) < MEMORIZED_LOSS and options.cross_fit is None:
@@ -184,13 +186,17 @@ def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, cross_fit:
                 "method": method, "flag_method": FLAG_METHOD_REGRESSION, "loo_method": loo_method}
     labels = run.train.labels.numpy().reshape(n).astype(np.int64)
     probs = class_probs(outputs)
+    flag_probs, extra = probs, {}
+    if source == "oof":  # out-of-fold outputs of memorizing models are overconfident: flag on calibrated ones
+        extra["oof_temperature"] = fit_temperature(outputs, labels)
+        flag_probs = class_probs(outputs / extra["oof_temperature"])
     method = {"loo": SUSPICION_METHOD, "train": SUSPICION_METHOD_FIRST_ORDER,
               "oof": "rank_mean(loss,oof_loss,oof_margin)"}[source]
     flag_method = {"loo": FLAG_METHOD, "train": "confident_learning(train_probs)",
-                   "oof": "confident_learning(oof_probs)"}[source]
+                   "oof": "confident_learning(temperature_scaled_oof_probs)"}[source]
     return {"suspicion": suspicion(rows["loss"], loo, label_margin(probs, labels)), "loo": loo,
-            "flags": flag_errors(labels, probs, seed=run.cfg.seed), "method": method, "flag_method": flag_method,
-            "loo_method": loo_method}
+            "flags": flag_errors(labels, flag_probs, seed=run.cfg.seed), "method": method, "flag_method": flag_method,
+            "loo_method": loo_method, **extra}
 
 
 _LOSS_NAME = {"oof": "oof_loss", "train": "loo_loss_first_order"}
