@@ -28,7 +28,7 @@ from sklearn.model_selection import StratifiedKFold
 from influence_cli.config import ModelConfig, TrainConfig
 from influence_cli.models import build_model
 from influence_cli.objective import Objective
-from influence_cli.suspicion import class_probs, flag_errors, label_margin, suspicion
+from influence_cli.suspicion import class_probs, fit_temperature, flag_errors, label_margin, suspicion
 from influence_cli.train import minimize
 
 torch.set_num_threads(1)
@@ -87,12 +87,14 @@ for name in sys.argv[1].split(","):
         }
         res = {k: le.metrics(np.asarray(v), flipped) for k, v in cands.items()}
         fl = flag_errors(y, probs)
+        scaled = flag_errors(y, class_probs(o / fit_temperature(o, y)))  # what --cross-fit flags with
         print(
             name,
             rate,
             kind,
             f"{time.time() - t:.0f}s",
             " | ".join(f"{k} {r[0]:.3f}/{r[1]:.3f}/{r[2]:.3f}" for k, r in res.items()),
-            f"| flags {fl.flagged.sum()}/{flipped.sum()} prec {flipped[fl.flagged].mean():.2f} CL {cl['cl_flagged'].sum()}",
+            f"| flags {fl.flagged.sum()}/{flipped.sum()} prec {flipped[fl.flagged].mean():.2f}"
+            f" | scaled flags {scaled.flagged.sum()} prec {flipped[scaled.flagged].mean():.2f} CL {cl['cl_flagged'].sum()}",
             flush=True,
         )
