@@ -60,10 +60,13 @@ FITS = [("digits", "direct"), ("digits", "lissa"), ("digits", "arnoldi"), ("digi
 def test_fit_estimate_is_within_3x_of_the_measured_fit(config, solver):
     run = Run.open(_config(config, f"solver.name={solver}"), "check")
     estimate = estimates.fit_seconds(solver, run.cfg.solver, _units(run))
-    start = time.perf_counter()
-    make_solver(run.cfg.solver, run.problem).fit(run.problem)
-    measured = time.perf_counter() - start
-    assert _within_3x(estimate, measured), (estimate, measured)
+    fits = []
+    for _ in range(3):  # the median of three fits: the machine is shared (one slow fit once read 3.2x)
+        start = time.perf_counter()
+        make_solver(run.cfg.solver, run.problem).fit(run.problem)
+        fits.append(time.perf_counter() - start)
+    measured = sorted(fits)[1]
+    assert _within_3x(estimate, measured), (estimate, fits)
 
 
 @pytest.mark.parametrize(("config", "solver", "setting"), [
