@@ -358,5 +358,8 @@ def _probe_gradients(source: GradientSource, problem: Problem, count: int, gen: 
     """Per-example gradients (s, p), float64, of s = min(count, n) training rows drawn with `gen`."""
     mask = torch.zeros(problem.n, dtype=torch.bool)
     mask[torch.randperm(problem.n, generator=gen)[:count]] = True
-    grads = [blk.grads.to(torch.float64) for blk in source.per_example(_Sample(problem.train_loader, mask))]
-    return torch.cat(grads) if grads else torch.empty(0, problem.params.size, dtype=torch.float64, device=problem.device)
+    parts = list(_Sample(problem.train_loader, mask))  # a few rows of many batches: one block, one vmap call
+    if not parts:
+        return torch.empty(0, problem.params.size, dtype=torch.float64, device=problem.device)
+    rows = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
+    return torch.cat([blk.grads.to(torch.float64) for blk in source.per_example([rows])])
