@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_test_speed import BATCH, DAMPING, WEIGHT_DECAY, build, infl, kronfluence_analyzer  # noqa: E402
+from train_test_speed import BATCH, DAMPING, WEIGHT_DECAY, build, infl, kronfluence_analyzer, kronfluence_run  # noqa: E402
 
 from influence_cli.stats import spearman  # noqa: E402
 
@@ -79,13 +77,8 @@ def main() -> None:
     res["infl"] = infl(config, "selfcheck", work / "selfcheck", args.threads, False, "--gallery", "none")
     phases = res["infl"]["phases_s"]
     res["infl"]["fit_plus_score_s"] = round(phases.get("fit", 0.0) + phases.get("score", 0.0), 1)
-    done = subprocess.run([sys.executable, __file__, "--kronfluence-worker", "--work", str(work),
-                           "--threads", str(args.threads)], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    if done.returncode != 0:
-        res["kronfluence"] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-    else:
-        res["kronfluence"] = json.loads(done.stdout.strip().splitlines()[-1])
+    res["kronfluence"] = kronfluence_run(__file__, work, args.threads)
+    if "error" not in res["kronfluence"]:
         theirs = np.load(work / "kronfluence_self.npy")
         ids = pd.read_parquet(work / "train.parquet", columns=["id"]).id.to_numpy()
         mine = pd.read_csv(work / "selfcheck" / "selfcheck.csv").set_index("id").self_influence.reindex(ids)

@@ -141,6 +141,17 @@ def kronfluence_analyzer(work: Path, threads: int):  # noqa: ANN201
     return Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(work / "kronfluence")), tensors
 
 
+def kronfluence_run(script: str, work: Path, threads: int) -> dict:
+    """Run `script --kronfluence-worker` in its own process (its peak RSS is its own): the worker's JSON line, or
+    {"error": its last stderr line}."""
+    done = subprocess.run([sys.executable, script, "--kronfluence-worker", "--work", str(work), "--threads",
+                           str(threads)], capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def kronfluence_worker(work: Path, threads: int) -> None:
     """EK-FAC factors and pairwise scores with kronfluence on the workload; prints a JSON line, saves the (T, n)
     scores to work/kronfluence_scores.npy."""
@@ -225,13 +236,8 @@ def train_test(args: argparse.Namespace) -> dict:
         res["speedup_total"] = round(res["before"]["wall_s"] / res["after"]["wall_s"], 2)
         res["speedup_score"] = round(res["before"]["phases_s"]["score"] / res["after"]["phases_s"]["score"], 2)
     if not args.skip_kronfluence:
-        done = subprocess.run([sys.executable, __file__, "--kronfluence-worker", "--work", str(work),
-                               "--threads", str(args.threads)], capture_output=True, text=True, check=False,
-                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        if done.returncode != 0:
-            res["kronfluence"] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-        else:
-            res["kronfluence"] = json.loads(done.stdout.strip().splitlines()[-1])
+        res["kronfluence"] = kronfluence_run(__file__, work, args.threads)
+        if "error" not in res["kronfluence"]:
             res["kronfluence"]["agreement_with_after"] = kronfluence_agreement(work, work / "after", args.top)
             res["ratio_kronfluence_total_over_after_wall"] = round(res["kronfluence"]["total_s"]
                                                                     / res["after"]["wall_s"], 2)
