@@ -6,9 +6,13 @@ as Parquet; an MLP features-256-256-classes (ReLU) trained briefly with Adam (no
 EK-FAC and `refine: 0`. Then, each in its own process (peak RSS is that process's):
   before       `infl rank` with INFL_RANK_SCORING=legacy: vmap per-example gradients against float64 solves in blocks
                of BLOCK_BYTES / (8 p) test rows (one full gradient pass per block)
-  after        `infl rank`: gradients from layer factors, the test solves held in float32, one pass
+  float32      `infl rank --set rank.screen=false`: gradients from layer factors, the test solves held in float32,
+               one pass, every pair scored by the float32 matmul (the default before the bfloat16 screen)
+  after        `infl rank` (defaults: `rank.screen: auto`, the bfloat16 screen where the device makes it faster:
+               influence_cli/screen.py)
   kronfluence  (if importable) EK-FAC factors and pairwise scores on the same model, data, damping and batch size
-and prints one JSON line: the phase times and peak RSS of each, the Spearman of overall.csv before vs after, the
+and prints one JSON line: the phase times and peak RSS of each, the Spearman of overall.csv before vs after (and
+float32 vs after: the same top-K ids is the screen's claim), the
 per-test-row overlap of the helpful / harmful top K (mean and min) and the Spearman of each test row's top-K values
 on the rows both lists hold, and kronfluence's agreement with `after` (Spearman of the mean-over-test-rows scores
 with overall.csv; per-test-row top-K overlap).
@@ -227,7 +231,17 @@ def train_test(args: argparse.Namespace) -> dict:
     top = ["--top", str(args.top)]
     if not args.skip_legacy:
         res["before"] = infl(config, "rank", work / "before", args.threads, True, *top)
+    if not args.skip_float32:
+        res["float32"] = infl(config, "rank", work / "float32", args.threads, False, *top, "--set", "rank.screen=false")
     res["after"] = infl(config, "rank", work / "after", args.threads, False, *top)
+    if not args.skip_float32:
+        res["overall_spearman_float32_after"] = round(overall_spearman(work / "float32", work / "after"), 7)
+        for name in ("helpful.csv", "harmful.csv"):
+            res[f"{name[:-4]}_top_float32_after"] = top_agreement(work / "after", work / "float32", name)
+            res[f"{name[:-4]}_max_value_error_float32_after"] = max_value_error(work / "after", work / "float32", name)
+        res["speedup_total_float32_after"] = round(res["float32"]["wall_s"] / res["after"]["wall_s"], 2)
+        res["speedup_score_float32_after"] = round(res["float32"]["phases_s"]["score"]
+                                                   / res["after"]["phases_s"]["score"], 2)
     if not args.skip_legacy:
         res["overall_spearman_before_after"] = round(overall_spearman(work / "before", work / "after"), 7)
         for name in ("helpful.csv", "harmful.csv"):
@@ -275,6 +289,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/infl-train-test")
     parser.add_argument("--skip-legacy", action="store_true")
     parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--skip-float32", action="store_true", help="skip the run with rank.screen: false")
     parser.add_argument("--large", type=int, default=None, help="item 4: logistic regression on this many rows")
     parser.add_argument("--kronfluence-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

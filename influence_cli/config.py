@@ -218,6 +218,15 @@ class SelfcheckConfig:
 
 
 @dataclass(frozen=True)
+class RankConfig:
+    """How `rank` scores its pairs. See README, "Performance" (the bfloat16 screen)."""
+
+    # auto: a bfloat16 screen with exact float32 rescoring of the pairs that can reach a top K, when it is faster on
+    # this device; true: always (float32 runs); false: the plain float32 product
+    screen: Literal["auto"] | bool = "auto"
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: Path = field(default=Path("reports"), metadata=_OUT_PATH)
 
@@ -249,6 +258,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     selfcheck: SelfcheckConfig = field(default_factory=SelfcheckConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     source: Path | None = field(default=None, metadata={"internal": True})  # the YAML file

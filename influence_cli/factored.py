@@ -89,6 +89,19 @@ class FactoredGradients:
         return {"gradients": "factored", "layers": [layer.path or "model" for layer in self.layers],
                 "per_example_params": list(self.rest.names) if self.rest is not None else []}
 
+    def slots(self) -> dict[str, slice]:
+        """Each selected parameter's columns in the ParamSpace layout."""
+        slots, start = {}, 0
+        for name, shape in zip(self.problem.params.names, self.problem.params.shapes, strict=True):
+            slots[name] = slice(start, start + shape.numel())
+            start += shape.numel()
+        return slots
+
+    def float64_pass(self, block: Block, mean: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(block.grads @ mean, block.grads summed over rows) in float64 for a block this source yielded:
+        `float64_pass` below."""
+        return float64_pass(block, mean, self.slots())
+
     def per_example(self, loader: Batches, ids: Sequence[str] | None = None, progress: Progress | None = None,
                     total: int | None = None, *, reuse: bool = False) -> Iterator[Block]:
         """Blocks of per-example gradients (B, p) in the ParamSpace layout, losses, outputs and targets, in loader
@@ -98,10 +111,7 @@ class FactoredGradients:
         the rows on a NaN/inf loss, layer input or output gradient."""
         problem, layers = self.problem, list(self.layers)
         device, obj, p = problem.device, problem.objective, problem.params.size
-        slots, start = {}, 0
-        for name, shape in zip(problem.params.names, problem.params.shapes, strict=True):
-            slots[name] = slice(start, start + shape.numel())
-            start += shape.numel()
+        slots = self.slots()
         step = GradientSource(problem).rows_per_block()
         rest = GradientSource(replace(problem, params=self.rest)) if self.rest is not None else None
         done, buffer = 0, None
@@ -116,14 +126,17 @@ class FactoredGradients:
                     buffer = torch.empty(min(step, len(x)) if not reuse else step, p, dtype=out.dtype, device=device)
                 block = buffer[: len(x)]
                 finite = torch.isfinite(losses.detach())
+                factors = []
                 for layer, g in zip(layers, grads, strict=True):
-                    finite &= _write_layer(layer, records.single(layer.path).input, g, block, slots)
+                    ok, a, r = _write_layer(layer, records.single(layer.path).input, g, block, slots)
+                    finite &= ok
+                    factors.append((layer, a, r))
             _check_finite(idx, finite, ids)
             if rest is not None:  # outside the hooks (vmap); GradientSource may cut the chunk into several blocks
                 rest_grads = torch.cat([b.grads for b in rest.per_example([(idx, x, y)], ids)])
                 for name, part in rest.problem.params.unflatten(rest_grads).items():
                     block[:, slots[name]] = part.reshape(len(x), -1)
-            yield Block(idx, block, losses.detach(), out.detach(), y)
+            yield Block(idx, block, losses.detach(), out.detach(), y, tuple(factors))
             done += len(idx)
             if progress is not None:
                 progress(done, total or done)
@@ -170,16 +183,19 @@ def _sites(problem: Problem) -> tuple[list[Layer], list[str]]:
     return list(found.values()), rest
 
 
-def _write_layer(layer: Layer, inputs: Tensor, g: Tensor | None, block: Tensor, slots: dict[str, slice]) -> Tensor:
+def _write_layer(layer: Layer, inputs: Tensor, g: Tensor | None, block: Tensor, slots: dict[str, slice]
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Write one layer's per-row gradients into `block` (B, p): weight sum_t r_t a_t^T (B, out, in), bias sum_t r_t
     (B, out), from its recorded input and output gradient (None: the layer does not reach the loss, zeros).
-    Returns which rows had finite factors (B,)."""
+    Returns (which rows had finite factors (B,), a (B, T, in) without the bias column or None, r (B, T, out) or
+    None when the layer does not reach the loss)."""
     rows, out = len(block), layer.shape()[0]
+    a = None
     if g is None:
         for name in (layer.weight, layer.bias):
             if name:
                 block[:, slots[name]] = 0
-        return torch.ones(rows, dtype=torch.bool, device=block.device)
+        return torch.ones(rows, dtype=torch.bool, device=block.device), None, None
     r = layer.out_grads(g).to(block.dtype)  # (B, T, out)
     finite = torch.isfinite(r).flatten(1).all(1)
     if layer.weight:
@@ -192,7 +208,48 @@ def _write_layer(layer: Layer, inputs: Tensor, g: Tensor | None, block: Tensor, 
             view.copy_(r.transpose(1, 2) @ a)
     if layer.bias:
         block[:, slots[layer.bias]] = r.sum(1)
-    return finite
+    return finite, a, r
+
+
+def float64_pass(block: Block, mean: Tensor | None, slots: dict[str, slice], columns: int = 4096
+                 ) -> tuple[Tensor, Tensor]:
+    """(block.grads @ mean (B,) (zeros without a mean), block.grads summed over rows (p,)), both float64. The factored
+    layers' parts come from their factors: sum_t r_t . (M a_t) and sum_i sum_t r_t a_t^T, matmuls of B x p
+    multiply-adds in float64 on the small factors; the other columns from the block, converted a few thousand
+    columns at a time (no float64 copy of the block)."""
+    grads = block.grads
+    rows, p = grads.shape
+    scores = torch.zeros(rows, dtype=torch.float64, device=grads.device)
+    sums = torch.empty(p, dtype=torch.float64, device=grads.device)
+    done = torch.zeros(p, dtype=torch.bool)
+    for layer, a, r in block.factors or ():
+        names = [n for n in (layer.weight, layer.bias) if n]
+        if r is None:  # the layer does not reach the loss: its columns are zeros
+            for name in names:
+                sums[slots[name]] = 0
+                done[slots[name]] = True
+            continue
+        r64 = r.double()
+        if layer.weight:
+            a64, part = a.double(), slots[layer.weight]
+            if mean is not None:
+                scores += ((a64 @ mean[part].view(r.shape[2], a.shape[2]).T) * r64).sum((1, 2))
+            sums[part] = (r64.flatten(0, 1).T @ a64.flatten(0, 1)).flatten()
+        if layer.bias:
+            part = slots[layer.bias]
+            if mean is not None:
+                scores += r64.sum(1) @ mean[part]
+            sums[part] = r64.sum((0, 1))
+        for name in names:
+            done[slots[name]] = True
+    rest = (~done).nonzero().flatten()
+    for c in range(0, len(rest), columns):
+        cols = rest[c : c + columns].to(grads.device)
+        part = grads.index_select(1, cols).double()
+        if mean is not None:
+            scores += part @ mean[cols]
+        sums[cols] = part.sum(0)
+    return scores, sums
 
 
 def _check_finite(idx: Tensor, finite: Tensor, ids: Sequence[str] | None) -> None:

@@ -33,13 +33,15 @@ BLOCK_BYTES = 512 * 2**20  # memory budget of one vmapped block (gradients and a
 
 @dataclass(frozen=True)
 class Block:
-    """Per-example results for rows `idx` (B,): grads (B, p), losses (B,), outputs (B, C), targets."""
+    """Per-example results for rows `idx` (B,): grads (B, p), losses (B,), outputs (B, C), targets; `factors`: what
+    factored.FactoredGradients built `grads` from, when it did (its `float64_pass` reads them)."""
 
     idx: Tensor
     grads: Tensor
     losses: Tensor
     outputs: Tensor
     targets: Tensor
+    factors: tuple | None = None
 
 
 class GradientSource:

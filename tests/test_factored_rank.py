@@ -137,6 +137,32 @@ def test_factored_gradients_equal_per_example_autograd(kind, task, params):
     assert float(torch.cat([b.grads for b in got]).abs().max()) > 1e-3  # not trivially zero
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("params", ["all", "prefix"])
+def test_float64_pass_from_factors_equals_the_block(kind, params):
+    """rank's mean-test-loss row and grad J from the layer factors (factored.float64_pass) equal the float64 product
+    and column sums of the block itself (layers, per-position layers, Conv2d, and parameters outside the layers)."""
+    from influence_cli.commands.rank import _float64_pass
+
+    prefixes = {"mlp": ("0",), "norm_mlp": ("inp", "norm", "scale"), "per_position": ("tok.weight", "head.bias"),
+                "cnn": ("c1", "head.weight")}[kind]
+    pr = problem(kind, "classification", prefixes if params == "prefix" else params)
+    pr.model.float()
+    pr.train_loader = ListLoader(pr.train_loader.x.float(), pr.train_loader.y, 8)
+    source, why = FactoredGradients.plan(pr)
+    assert source is not None, why
+    mean = torch.randn(pr.params.size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for block in source.per_example(pr.train_loader):
+        assert block.factors is not None
+        got_scores, got_sums = source.float64_pass(block, mean)
+        want_scores, want_sums = _float64_pass(mean, block.grads)
+        # the block's entries are float32 products r a; the factors' are exact: float32 rounding of |g| |mean|
+        scale = float(block.grads.double().norm(dim=1).max() * mean.norm())
+        torch.testing.assert_close(got_scores, want_scores, rtol=0, atol=1e-6 * scale)
+        torch.testing.assert_close(got_sums, want_sums, rtol=1e-6, atol=1e-6 * float(block.grads.abs().max()))
+        assert got_scores.dtype == torch.float64 and float(got_sums.abs().max()) > 0
+
+
 @pytest.mark.parametrize("model", [RowMixer, Reused])
 def test_plan_declines_when_the_factors_are_not_the_gradient(model):
     pr = problem("mlp", "classification", "all")

@@ -36,6 +36,8 @@ from ..groups import group_effects, group_warning, mean_loss_change, mean_loss_h
 from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
 from ..run import PhaseFn, Report, Run
 from ..scores import loss_change_if_removed
+from ..screen import Screen
+from ..screen import plan as screen_plan
 from .images import rank_strips
 from .sweep import damping_sweep
 
@@ -69,8 +71,9 @@ def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
             raise ConfigError("--knn: not with --shard/--merge (the kNN pass is not sharded)")
     if run.job is not None:
         run.fit()
-        scoring = _scoring(run)
-        test = _test_gradients(run, run.test_rows(options.test_ids), scoring)
+        rows = run.test_rows(options.test_ids)
+        scoring = _scoring(run, len(rows))
+        test = _test_gradients(run, rows, scoring)
         scored = _score_all(run, test, min(options.top, run.train.n), scoring)
         return run.finish_shard(scored["shards"] - scored["reused"], scored["reused"])
     tables, summary = score(run, options)
@@ -95,9 +98,10 @@ class _Scoring:
     per_block: int
     legacy: bool
     info: dict[str, Any]
+    screen: bool = False  # a bfloat16 screen of each block's product (screen.py), decided per run
 
 
-def _scoring(run: Run) -> _Scoring:
+def _scoring(run: Run, test_rows: int) -> _Scoring:
     p = run.problem.params.size
     if os.environ.get(SCORING_ENV) == "legacy":
         return _Scoring(GradientSource(run.problem), torch.float64, max(1, BLOCK_BYTES // (8 * p)), True,
@@ -106,8 +110,9 @@ def _scoring(run: Run) -> _Scoring:
     info = factored.describe() if factored is not None else {"gradients": "per_example", "reason": why}
     per_block = max(1, HELD_BYTES // (run.dtype.itemsize * p))
     info.update(solves_dtype=str(run.dtype).removeprefix("torch."), test_rows_per_pass=per_block)
+    use, info["screen"] = screen_plan(run.cfg.rank.screen, run.dtype, min(test_rows, per_block), p, run.device)
     return _Scoring(factored if factored is not None else GradientSource(run.problem), run.dtype, per_block, False,
-                    info)
+                    info, use)
 
 
 @dataclass
@@ -127,8 +132,9 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
     train, n = run.train, run.train.n
     groups = run.group_rows(options.group_by)
     solver = run.fit()
-    scoring = _scoring(run)
-    test = _test_gradients(run, run.test_rows(options.test_ids), scoring)
+    rows = run.test_rows(options.test_ids)
+    scoring = _scoring(run, len(rows))
+    test = _test_gradients(run, rows, scoring)
     k = min(options.top, n)
     found = None
     if options.knn is not None:
@@ -222,18 +228,21 @@ def _score_all(run: Run, test: _Test, k: int, scoring: _Scoring) -> dict[str, An
     streamed pass each); the first block also carries the mean test gradient (overall.csv, groups, grad J)."""
     n, p, t_count = run.train.n, run.problem.params.size, len(test.rows)
     helpful, harmful = _empty_top(t_count, k)
+    screened: dict[str, int] = {}
     out: dict[str, Any] = {"overall": np.zeros(n), "grad_sum": torch.zeros(p, dtype=torch.float64), "loss_sum": 0.0,
                            "correct": 0, "shards": 0, "reused": 0, "mean_ihvp": None}
     for start in range(0, t_count, scoring.per_block):
         block_rows = test.rows[start : start + scoring.per_block]
         first, lo, hi = start == 0, start, start + len(block_rows)
         solve = functools.cache(functools.partial(_held_solves, run, test, block_rows, first, scoring))  # if asked
+        screen = functools.cache(lambda solve=solve: _screen(run, solve()[0], scoring))
+        floor = functools.partial(_floor, helpful, harmful, lo, hi)  # what earlier shards already reached
         if first:
             out["mean_ihvp"] = lambda solve=solve: solve()[1]  # solved only if asked (groups)
         key = {"test": run.test.fingerprint,  # type: ignore[union-attr]
                "rows": content_key({"rows": test.rows}), "top": k, "per_block": scoring.per_block, "start": start,
                "scoring": "legacy" if scoring.legacy else [scoring.info["gradients"], scoring.info["solves_dtype"]]}
-        compute = functools.partial(_score_shard, run, scoring.source, solve, first, hi - lo, k)
+        compute = functools.partial(_score_shard, run, scoring.source, solve, first, hi - lo, k, screen, floor)
         for shard, part, reused in run.shards("rank", key, compute):
             if first:
                 out["overall"][shard.start : shard.stop] = part["overall"].numpy()
@@ -246,7 +255,24 @@ def _score_all(run: Run, test: _Test, k: int, scoring: _Scoring) -> dict[str, An
             merge_top(harmful, lo, hi, part["harmful_values"], part["harmful_rows"], largest=False)
             out["shards"] += 1
             out["reused"] += reused
+        if scoring.screen and screen.cache_info().currsize:
+            for key_, value in screen().stats.items():
+                screened[key_] = screened.get(key_, 0) + value
+    if screened:
+        scoring.info["screen"].update(screened, rescored_fraction=screened["rescored"] / max(screened["pairs"], 1))
     return {**out, "helpful": helpful, "harmful": harmful}
+
+
+def _screen(run: Run, held: Tensor, scoring: _Scoring) -> Screen | None:
+    """The bfloat16 screen of one block of held solves, when the run uses one (screen.py)."""
+    if not scoring.screen:
+        return None
+    return Screen.build(held, GradientSource(run.problem).rows_per_block(), seed=run.cfg.seed)
+
+
+def _floor(helpful: TopK, harmful: TopK, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """(K-th largest, K-th smallest) score so far of test rows lo..hi (-inf / +inf before any)."""
+    return helpful[0][lo:hi].min(1).values, harmful[0][lo:hi].max(1).values
 
 
 def _held_solves(run: Run, test: _Test, block_rows: list[int], with_mean: bool, scoring: _Scoring
@@ -306,32 +332,52 @@ def _knn_summary(options: RankOptions, found: Neighbors, scored: int, n: int) ->
             "layers": list(found.layers), "layers_skipped": list(found.layers_skipped)}
 
 
-def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: int, rows: range,
-                 tick: PhaseFn | None) -> dict[str, Any]:
+def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: int, screen: Any, floor: Any,
+                 rows: range, tick: PhaseFn | None) -> dict[str, Any]:
     """One shard of training rows (gradients from `source`) against one block of `count` test rows (their
     held solves): each test row's own top k both ways (merged across shards in order), and, for the first
-    block, the rows' effect on the mean test loss (float64) with their part of grad J."""
+    block, the rows' effect on the mean test loss (float64) with their part of grad J. With a screen (screen.py),
+    only the pairs that can beat this shard's running K-th values, or those earlier shards reached (`floor()`),
+    are scored in float32."""
     n, (held, mean) = run.train.n, solve()
+    screen = screen()
+    if screen is not None:
+        reached = floor()
     helpful, harmful = _empty_top(count, k)
     overall = torch.zeros(len(rows), dtype=torch.float64)
     grad_sum, loss_sum = torch.zeros(run.problem.params.size, dtype=torch.float64), 0.0
     correct = 0 if first and run.problem.objective.task != "regression" else None
     reuse = {"reuse": True} if isinstance(source, FactoredGradients) else {}
     for b in source.per_example(run.stream(run.train, rows), run.train.ids, tick, n, **reuse):
-        scores = loss_change_if_removed(held, b.grads, n).cpu()
+        if screen is not None:
+            above = torch.maximum(helpful[0].min(1).values, reached[0])
+            below = torch.minimum(harmful[0].max(1).values, reached[1])
+            high, low = screen.scores(b.grads, 1.0 / n, k, _to_float32(above, -math.inf, held.device),
+                                      _to_float32(below, math.inf, held.device))
+            merge_top(helpful, 0, count, high.cpu(), b.idx, largest=True)
+            merge_top(harmful, 0, count, low.cpu(), b.idx, largest=False)
+        else:
+            scores = loss_change_if_removed(held, b.grads, n).cpu()
+            merge_top(helpful, 0, count, scores, b.idx, largest=True)
+            merge_top(harmful, 0, count, scores, b.idx, largest=False)
         if first:
-            mean_scores, column_sums = _float64_pass(mean, b.grads)
+            mean_scores, column_sums = (source.float64_pass(b, mean) if isinstance(source, FactoredGradients)
+                                        else _float64_pass(mean, b.grads))
             overall[b.idx - rows.start] = (mean_scores / n).cpu()
             grad_sum += column_sums.cpu()
             loss_sum += float(b.losses.double().sum())
             if correct is not None:
                 predicted = run.problem.objective.predict(b.outputs, b.targets)[0]
                 correct += int((predicted.cpu() == b.targets.reshape(-1).long().cpu()).sum())
-        merge_top(helpful, 0, count, scores, b.idx, largest=True)
-        merge_top(harmful, 0, count, scores, b.idx, largest=False)
     return {"overall": overall if first else None, "grad_sum": grad_sum if first else None, "loss_sum": loss_sum,
             "correct": correct, "helpful_values": helpful[0], "helpful_rows": helpful[1], "harmful_values": harmful[0],
             "harmful_rows": harmful[1]}
+
+
+def _to_float32(values: Tensor, toward: float, device: torch.device) -> Tensor:
+    """float64 thresholds as float32 rounded toward `toward` (-inf: never above the float64 value), on `device`."""
+    low = values.float()
+    return torch.nextafter(low, torch.full_like(low, toward)).where(low.double() != values, low).to(device)
 
 
 def _float64_pass(mean: Tensor | None, grads: Tensor, columns: int = 4096) -> tuple[Tensor, Tensor]:
