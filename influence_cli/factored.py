@@ -20,6 +20,8 @@ mean), a weight also used outside its layer (F.linear on it), or anything else t
 `ekfac_scored_rows` is EK-FAC's self-influence pass (the quadratic form of ekfac_layers, as the solver's own
 `self_influence_blocks`) that also sums the batch's gradient (sum_i G_i = R^T A per layer), so selfcheck gets the
 objective's gradient at the checkpoint from the pass it makes anyway.
+Each block also carries its factors (Block.factors), from which `float64_pass` gives rank's float64 mean-test-loss
+scores and summed gradient in B x p multiply-adds of small matmuls, without converting the block to float64.
 Memory: a chunk's (B, p) gradients, B = GradientSource.rows_per_block (the gradient memory budget).
 """
 

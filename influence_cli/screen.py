@@ -19,8 +19,9 @@ exact) and float32 accumulation inside the matmul, ACCUMULATION sqrt(p) 2^-24 |h
 show; the float32 path carries the same error without a bound). MISS = 1e-12 per pair: over the 5e7 pairs of a
 50k x 1k run, a changed top K has probability below 5e-5 even if every pair sat at its row's threshold.
 
-`auto` (config `rank.screen`) uses it when the run is float32 and a calibration on the device (bfloat16 vs float32
-matmul, plus the rounding and chunk norms per gradient entry, ~50 ms) predicts at most MAX_COST_RATIO of the float32
+`auto` (config `rank.screen`) uses it when the run is float32, the product is large (2 T p n >= MIN_FLOPS) and a
+calibration on the device (bfloat16 vs float32
+matmul, plus the rounding and chunk norms per gradient entry, ~0.1 s) predicts at most MAX_COST_RATIO of the float32
 block cost for this many test rows; `true` always (float32 runs), `false` never.
 """
 
@@ -44,6 +45,7 @@ COLUMNS = 8192  # columns per elementwise pass (a multiple of CHUNK)
 PAIR_COST = 32  # score candidate columns densely (T x p each) once they hold >= T / PAIR_COST candidates on average
 MAX_COST_RATIO = 0.7  # auto: screen when predicted to cost at most this fraction of the float32 product
 MIN_ROWS = 32  # auto: fewer test rows than this never pay for the per-entry rounding
+MIN_FLOPS = 1e11  # auto: a product of fewer flops (2 T p n: ~1 s in float32 on one core) is not worth calibrating
 
 
 def stochastic_bf16(x: Tensor, dither: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -159,7 +161,8 @@ class Screen:
         return exact.masked_fill(~high, -math.inf), exact.masked_fill_(~low, math.inf)
 
 
-def plan(mode: str | bool, held_dtype: torch.dtype, test_rows: int, p: int, device: torch.device) -> tuple[bool, dict]:
+def plan(mode: str | bool, held_dtype: torch.dtype, test_rows: int, p: int, n: int, device: torch.device
+         ) -> tuple[bool, dict]:
     """(use the screen, what the summary says): see the module docstring for `mode`."""
     info: dict[str, Any] = {"mode": mode}
     if mode is False:
@@ -170,6 +173,8 @@ def plan(mode: str | bool, held_dtype: torch.dtype, test_rows: int, p: int, devi
         return True, {**info, "used": True, "miss_probability_per_pair": MISS}
     if test_rows < MIN_ROWS:
         return False, {**info, "used": False, "reason": f"{test_rows} test rows (< {MIN_ROWS})"}
+    if 2.0 * test_rows * p * n < MIN_FLOPS:
+        return False, {**info, "used": False, "reason": f"a small product (2 T p n = {2.0 * test_rows * p * n:.2g} flops)"}
     ratio, costs = calibrate(test_rows, p, device)
     info.update(predicted_cost_ratio=round(ratio, 3), **costs)
     if ratio > MAX_COST_RATIO:
@@ -178,18 +183,19 @@ def plan(mode: str | bool, held_dtype: torch.dtype, test_rows: int, p: int, devi
     return True, {**info, "used": True, "miss_probability_per_pair": MISS}
 
 
-def calibrate(test_rows: int, p: int, device: torch.device, width: int = 4096, rows: int = 256
+def calibrate(test_rows: int, p: int, device: torch.device, width: int = 16384, rows: int = 256
               ) -> tuple[float, dict[str, float]]:
     """(predicted screen cost / float32 cost per training block, the measured pieces): the float32 and bfloat16
-    matmuls of min(T, 512) test rows x `width` coordinates x `rows` training rows, and the rounding and chunk norms of
-    the (rows, width) gradient piece, best of 3, scaled to T test rows."""
+    matmuls of min(T, 512) test rows x `width` coordinates x `rows` training rows (scaled to T test rows), and the
+    rounding and bound pieces of the (rows, width) gradient block, which do not grow with T; best of 3 each."""
     gen = torch.Generator().manual_seed(0)
-    t_cal = min(test_rows, 512)
+    t_cal, width = min(test_rows, 256), min(width, max(p, COLUMNS))
     h = torch.randn(t_cal, width, generator=gen).to(device)
     g = torch.randn(rows, width, generator=gen).to(device)
     hb, dither = h.bfloat16(), _dither((rows, width), device, gen)
 
     def best(fn: Any) -> float:
+        fn()  # warm: allocations, kernel selection
         times = []
         for _ in range(3):
             if device.type == "cuda":
@@ -201,9 +207,10 @@ def calibrate(test_rows: int, p: int, device: torch.device, width: int = 4096, r
             times.append(time.perf_counter() - start)
         return min(times)
 
+    gb = stochastic_bf16(g, dither)
     f32 = best(lambda: h @ g.T) * test_rows / t_cal
-    bf16 = best(lambda: hb @ stochastic_bf16(g, dither).T) * test_rows / t_cal
-    extra = best(lambda: chunk_norms(g))
+    bf16 = best(lambda: hb @ gb.T) * test_rows / t_cal
+    extra = best(lambda: (stochastic_bf16(g, dither), chunk_norms(g), torch.linalg.vector_norm(g, dim=1)))
     ratio = (bf16 + extra) / max(f32, 1e-12)
     return ratio, {"float32_block_s": round(f32, 5), "bfloat16_block_s": round(bf16, 5),
-                   "bound_block_s": round(extra, 5)}
+                   "rounding_and_bound_block_s": round(extra, 5)}

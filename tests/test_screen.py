@@ -121,13 +121,15 @@ def test_screened_top_k_equals_float32(monkeypatch, pair_cost):
         assert stats[branch] > 0
 
 
-def test_plan_declines_float64_false_and_few_rows():
+def test_plan_declines_float64_false_few_rows_and_small_products():
     cpu = torch.device("cpu")
-    assert plan(False, torch.float32, 1000, 10**5, cpu)[0] is False
-    used, info = plan("auto", torch.float64, 1000, 10**5, cpu)
+    assert plan(False, torch.float32, 1000, 10**5, 10**5, cpu)[0] is False
+    used, info = plan("auto", torch.float64, 1000, 10**5, 10**5, cpu)
     assert used is False and "float64" in info["reason"]
-    assert plan("auto", torch.float32, 4, 10**5, cpu)[0] is False
-    used, info = plan(True, torch.float32, 4, 10**5, cpu)
+    assert plan("auto", torch.float32, 4, 10**5, 10**5, cpu)[0] is False
+    used, info = plan("auto", torch.float32, 100, 1000, 1000, cpu)
+    assert used is False and "small product" in info["reason"]
+    used, info = plan(True, torch.float32, 4, 10**5, 10, cpu)
     assert used is True and info["miss_probability_per_pair"] == screen_mod.MISS
 
 
@@ -154,3 +156,11 @@ def test_rank_with_screen_equals_without(tmp_path):
         assert float((a.loss_change_if_removed - b.loss_change_if_removed).abs().max()) <= 1e-5 * scale
     pd.testing.assert_frame_equal(reports["false"].tables["overall.csv"], reports["true"].tables["overall.csv"])
     json.dumps(info)  # the summary stays JSON
+
+
+def test_auto_calibrates_and_says_why():
+    """auto on a large product measures the device and reports the prediction, whichever way it decides."""
+    used, info = plan("auto", torch.float32, 64, 20000, 100000, torch.device("cpu"))
+    assert info["predicted_cost_ratio"] > 0 and info["float32_block_s"] > 0
+    assert used is (info["predicted_cost_ratio"] <= screen_mod.MAX_COST_RATIO)
+    assert used or "predicted" in info["reason"]

@@ -4,8 +4,10 @@ Test gradients are solved once (H^-1 g_t, a chunk of rows per solver call) and h
 dtype (float32 by default: T x p x 4 bytes, up to HELD_BYTES per streamed pass); the many training
 gradients are streamed against them in resumable shards, keeping a running top-K per test row. The
 training gradients come from layer factors where the model allows (factored.py: one forward and one
-backward per batch, no per-row vmap), so scoring costs about the (T, p) x (p, B) matmul; the mean
-test row (overall.csv, grad J) is scored in float64. Optional: groups.csv (first- and second-order
+backward per batch, no per-row vmap), so scoring costs about the (T, p) x (p, B) matmul, and with the
+bfloat16 screen (screen.py, `rank.screen`) about a bfloat16 matmul plus float32 scores for the few pairs that
+can reach a top K; the mean test row (overall.csv, grad J) is scored in float64, from the layer factors
+(factored.float64_pass) where the gradients came from them. Optional: groups.csv (first- and second-order
 group effects) and FastIF's kNN narrowing. INFL_RANK_SCORING=legacy (benchmarks and equality tests
 only) forces the previous path: vmap per-example gradients against float64 solves in blocks of
 BLOCK_BYTES / (8 p) test rows, one streamed pass per block.
@@ -110,7 +112,8 @@ def _scoring(run: Run, test_rows: int) -> _Scoring:
     info = factored.describe() if factored is not None else {"gradients": "per_example", "reason": why}
     per_block = max(1, HELD_BYTES // (run.dtype.itemsize * p))
     info.update(solves_dtype=str(run.dtype).removeprefix("torch."), test_rows_per_pass=per_block)
-    use, info["screen"] = screen_plan(run.cfg.rank.screen, run.dtype, min(test_rows, per_block), p, run.device)
+    use, info["screen"] = screen_plan(run.cfg.rank.screen, run.dtype, min(test_rows, per_block), p, run.train.n,
+                                      run.device)
     return _Scoring(factored if factored is not None else GradientSource(run.problem), run.dtype, per_block, False,
                     info, use)
 
