@@ -132,7 +132,9 @@ class FactoredGradients:
                 for layer, g in zip(layers, grads, strict=True):
                     ok, a, r = _write_layer(layer, records.single(layer.path).input, g, block, slots)
                     finite &= ok
-                    factors.append((layer, a, r))
+                    columns = sum(slots[n].stop - slots[n].start for n in (layer.weight, layer.bias) if n)
+                    if r is None or (0 if a is None else a.numel()) + r.numel() <= len(x) * columns:
+                        factors.append((layer, a, r))  # kept only when no larger than the layer's gradients
             _check_finite(idx, finite, ids)
             if rest is not None:  # outside the hooks (vmap); GradientSource may cut the chunk into several blocks
                 rest_grads = torch.cat([b.grads for b in rest.per_example([(idx, x, y)], ids)])
@@ -215,10 +217,11 @@ def _write_layer(layer: Layer, inputs: Tensor, g: Tensor | None, block: Tensor, 
 
 def float64_pass(block: Block, mean: Tensor | None, slots: dict[str, slice], columns: int = 4096
                  ) -> tuple[Tensor, Tensor]:
-    """(block.grads @ mean (B,) (zeros without a mean), block.grads summed over rows (p,)), both float64. The factored
-    layers' parts come from their factors: sum_t r_t . (M a_t) and sum_i sum_t r_t a_t^T, matmuls of B x p
-    multiply-adds in float64 on the small factors; the other columns from the block, converted a few thousand
-    columns at a time (no float64 copy of the block)."""
+    """(block.grads @ mean (B,) (zeros without a mean), block.grads summed over rows (p,)), both float64. The layers
+    whose factors the block kept (those no larger than the layer's gradients: not a Conv2d's many unfolded
+    positions) from their factors: sum_t r_t . (M a_t) and sum_i sum_t r_t a_t^T, matmuls of B x p multiply-adds in
+    float64 on the small factors; the other columns from the block, converted a few thousand columns at a time (no
+    float64 copy of the block)."""
     grads = block.grads
     rows, p = grads.shape
     scores = torch.zeros(rows, dtype=torch.float64, device=grads.device)

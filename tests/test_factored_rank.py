@@ -154,6 +154,8 @@ def test_float64_pass_from_factors_equals_the_block(kind, params):
     mean = torch.randn(pr.params.size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for block in source.per_example(pr.train_loader):
         assert block.factors is not None
+        if kind == "mlp":  # one position: every layer's factors are smaller than its gradients and are kept
+            assert len(block.factors) == len(source.layers)
         got_scores, got_sums = source.float64_pass(block, mean)
         want_scores, want_sums = _float64_pass(mean, block.grads)
         # the block's entries are float32 products r a; the factors' are exact: float32 rounding of |g| |mean|
