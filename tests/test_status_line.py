@@ -98,8 +98,11 @@ def test_shell_completion_is_on():
     done = subprocess.run([sys.executable, "-c", "from influence_cli.cli import main; main()", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--install-completion" in done.stdout and "--show-completion" in done.stdout
+    # typer detects the shell from the parent processes (shellingham) and then takes no shell name; under some
+    # launchers it detects none ("Shell  not supported"). Its test switch makes --show-completion take the name.
+    no_detect = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     done = subprocess.run([sys.executable, "-c", "from influence_cli.cli import main; main()", "--show-completion",
-                           "bash"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "bash"], cwd=ROOT, env=no_detect, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "complete" in done.stdout and "infl" in done.stdout.lower()
     env = {**os.environ, "_INFL_COMPLETE": "complete_bash", "COMP_WORDS": "infl selfcheck --rank", "COMP_CWORD": "2"}
     done = subprocess.run([sys.executable, "-c", "from influence_cli.cli import main; main()"], cwd=ROOT, env=env,
