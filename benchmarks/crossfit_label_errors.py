@@ -10,6 +10,7 @@ to convergence: it fits most flipped labels), at 10% uniform and 20% class-condi
 Development only (scikit-learn, cleanlab, statsmodels, palmerpenguins). From the repository root:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/crossfit_label_errors.py wine,iris,breast_cancer,penguins,digits,anes96
+    ... crossfit_label_errors.py wine,iris 0.1:uniform      # only the 10% uniform cell of each
 """
 
 import sys
@@ -61,8 +62,12 @@ def oof(x, y, classes, model, folds=5, seed=0, warm=None):
     return out
 
 
+CELLS = [(0.1, "uniform"), (0.2, "classcond")]
+if len(sys.argv) > 2:  # e.g. 0.1:uniform (only that cell per dataset)
+    CELLS = [(float(c.split(":")[0]), c.split(":")[1]) for c in sys.argv[2].split(",")]
+
 for name in sys.argv[1].split(","):
-    for rate, kind in [(0.1, "uniform"), (0.2, "classcond")]:
+    for rate, kind in CELLS:
         x, clean = le.load_dataset(name)
         classes = int(clean.max()) + 1
         seed = int(1000 * rate) + (7 if kind == "classcond" else 0)
