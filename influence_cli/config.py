@@ -211,10 +211,19 @@ class SelfcheckConfig:
 
     flag_fraction: float | None = None  # if set: flag exactly this top fraction (by the sort key) instead
     flag_requires_mismatch: bool = False  # classification: flag only rows the model mislabels
+    # out-of-fold outputs of K fresh models (crossfit.py) for suspicion and flags: auto = 5 folds when the model
+    # memorized its labels and the 5 trainings are estimated to fit in cross_fit_budget seconds; 0 = never; K >= 2 =
+    # always (the --cross-fit option overrides it)
+    cross_fit: Literal["auto"] | int = "auto"
+    cross_fit_budget: float = 600.0
 
     def __post_init__(self) -> None:
         if self.flag_fraction is not None and not 0 <= self.flag_fraction <= 1:
             raise ConfigError(f"flag_fraction: must be in [0, 1], got {self.flag_fraction}")
+        if self.cross_fit != "auto" and (isinstance(self.cross_fit, bool) or self.cross_fit == 1 or self.cross_fit < 0):
+            raise ConfigError(f"cross_fit: must be auto, 0 (never) or a number of folds >= 2, got {self.cross_fit}")
+        if self.cross_fit_budget < 0:
+            raise ConfigError(f"cross_fit_budget: must be >= 0 seconds, got {self.cross_fit_budget}")
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,14 @@ data term is (K-1)/K of the full one's against the same weight decay.
 
 Cost: K trainings (`infl train` K times on (K-1)/K of the rows) plus one forward pass; memory as
 `infl train`. The checkpoint is not used for the out-of-fold outputs, only to score the training loss.
+`estimate_seconds` bounds that cost before it is spent (what `selfcheck.cross_fit: auto` decides on).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -47,6 +50,71 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
         out[rows] = (start + np.arange(len(rows))) % folds
         start += len(rows)
     return out
+
+
+AUTO_FOLDS = 5  # selfcheck.cross_fit: auto
+
+
+def training_passes(cfg: Config) -> int:
+    """Passes over the data one training with the `train:` recipe makes at most: L-BFGS evaluates the full
+    objective at most epochs * 5/4 times (torch's max_eval), adam/sgd run `epochs` epochs; plus the final
+    evaluation `minimize` always makes."""
+    return (cfg.train.epochs * 5 // 4 if cfg.train.optimizer == "lbfgs" else cfg.train.epochs) + 1
+
+
+def estimate_seconds(cfg: Config, split: Split, objective: Objective, device: torch.device, dtype: torch.dtype,
+                     folds: int, budget: float = float("inf")) -> float:
+    """An upper estimate of out_of_fold_outputs' wall time: folds x training_passes x one pass over the data. A
+    pass is priced on the first batch as the trainings run it (a fresh model in their dtype): `minimize` itself,
+    with the recipe cut to PROBE_EPOCHS, on that batch alone (the optimizer's own work, the weight decay term)
+    per pass it made, plus a warm forward and backward of a full batch for each further batch. L-BFGS usually
+    stops at train.tol before its last evaluation, so the trainings take less. When the forward and backward
+    passes alone already exceed `budget`, that lower figure is returned without the probe (a large model's
+    estimate then costs a few batches, not a few trainings' worth)."""
+    if split.n == 0:
+        return 0.0
+    work = torch.float64 if cfg.train.optimizer == "lbfgs" else dtype
+    model = _fresh(cfg, device, work, cfg.seed + 1)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    rows = min(cfg.batch_size, split.n)
+    first = CastLoader(make_loader(split, cfg.batch_size, rows=range(rows)), work)  # the first batch, as loaded
+
+    def forward_backward() -> None:
+        for _, x, y in first:
+            objective.per_example_loss(model(x.to(device)), y.to(device)).sum().backward()
+        for p in params:
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    start = time.perf_counter()
+    forward_backward()  # warm: allocations, kernel selection
+    one = time.perf_counter() - start
+    for _ in range(3 if one < 1.0 else 1):
+        start = time.perf_counter()
+        forward_backward()
+        one = min(one, time.perf_counter() - start)
+    batches = -(-split.n // rows)
+    floor = folds * training_passes(cfg) * batches * one
+    if floor > budget:
+        return floor
+    passes = [0]
+
+    def count(done: int, total: int, **_: object) -> None:
+        passes[0] += 1
+
+    minimize(model, params, objective, first, rows, replace(cfg.train, epochs=1, tol=1e-300), shuffled=first)  # warm
+    passes[0] = 1  # minimize's final evaluation
+    start = time.perf_counter()
+    minimize(model, params, objective, first, rows, replace(cfg.train, epochs=PROBE_EPOCHS, tol=1e-300),
+             shuffled=first, progress=count)
+    per_pass = (time.perf_counter() - start) / passes[0]
+    return folds * training_passes(cfg) * (per_pass + (batches - 1) * one)
+
+
+PROBE_EPOCHS = 4
 
 
 def out_of_fold_outputs(cfg: Config, split: Split, objective: Objective, device: torch.device,

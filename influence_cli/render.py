@@ -219,6 +219,18 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
+def cross_fit_line(ui: UI, s: dict[str, Any]) -> None:
+    """Where selfcheck's suspicion and flags came from when they came from out-of-fold fits."""
+    plan = s.get("cross_fit") or {}
+    if not plan.get("folds"):
+        return
+    why = (" because the model memorized its labels (selfcheck.cross_fit: auto)" if plan.get("setting") == "auto"
+           else "")
+    temperature = f"; flags on temperature-scaled outputs (T = {s['oof_temperature']:.2f})" if "oof_temperature" in s \
+        else ""
+    ui.out.print(f"suspicion and flags from {plan['folds']} out-of-fold fits{why}{temperature}")
+
+
 def sweep_lines(ui: UI, s: dict[str, Any]) -> None:
     sweep = s.get("damping_sweep")
     if not sweep:

@@ -82,7 +82,8 @@ def test_cross_fit_finds_the_flips_a_memorizing_model_hides(capsys, tmp_path):
     path, flipped = write_case(tmp_path, n=200, flips=20, hidden=32, wd=1e-6, epochs=1500)
     code, _, err = run_cli(capsys, "train", "-c", str(path), "--quiet")
     assert code == 0, err
-    code, _, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "plain"), "--quiet")
+    code, _, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "plain"), "--quiet",
+                           "--cross-fit", "0")
     assert code == 0, err
     code, out, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "cf"), "--cross-fit", "4",
                              "--json")
@@ -109,3 +110,89 @@ def test_cross_fit_finds_the_flips_a_memorizing_model_hides(capsys, tmp_path):
     assert len(flags & truth) >= 10 and len(flags & truth) >= len(plain_flags & truth) + 5
     code, _, err = run_cli(capsys, "selfcheck", "-c", str(path), "--shard", "0/2", "--cross-fit", "3")
     assert code == 2 and "--cross-fit" in err
+
+
+def test_auto_cross_fits_a_memorizing_model_within_budget_and_says_when_it_cannot(capsys, tmp_path):
+    """selfcheck.cross_fit: auto (the default) runs 5 out-of-fold fits when the model memorized its labels: the
+    same report as --cross-fit 5. Over budget it keeps one fit, warns, reports flags_trusted: false, and a
+    --fail-above the undercounted flags would pass exits 1 instead of 0. A model that does not memorize is
+    audited from one fit, trusted."""
+    path, _ = write_case(tmp_path, n=200, flips=20, hidden=32, wd=1e-6, epochs=1500)
+    assert run_cli(capsys, "train", "-c", str(path), "--quiet")[0] == 0
+    code, out, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "auto"), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    plan = doc["cross_fit"]
+    assert plan["setting"] == "auto" and plan["memorized"] and plan["folds"] == 5
+    assert 0 < plan["estimated_s"] <= plan["budget_s"] == 600
+    assert doc["loo_loss_method"] == "cross_fit(5)" and doc["flags_trusted"] is True
+    assert not any("memorized" in w for w in doc["warnings"])
+    code, out, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "k5"), "--json",
+                             "--cross-fit", "5")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "auto" / "selfcheck.csv"),
+                                  pd.read_csv(tmp_path / "k5" / "selfcheck.csv"))
+    assert json.loads(out)["cross_fit"]["set_by"] == "--cross-fit"
+
+    over = ("--set", "selfcheck.cross_fit_budget=0")
+    code, out, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "over"), "--json", *over)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["cross_fit"]["folds"] is None and doc["flags_trusted"] is False
+    assert doc["loo_loss_method"] != "cross_fit(5)"
+    warning = next(w for w in doc["warnings"] if "memorized" in w)
+    assert "selfcheck.cross_fit_budget (0 s)" in warning and "--cross-fit 5" in warning
+    loose = str(doc["flagged_fraction"] + 0.5)  # a threshold the one-fit flags pass: not a pass
+    code, _, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "over"), "--quiet", *over,
+                           "--fail-above", loose)
+    assert code == 1 and "cannot be held to --fail-above" in err
+    code, _, err = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "auto"), "--quiet",
+                           "--fail-above", loose)
+    assert code == 0, err  # cross-fitted: trusted, under the threshold
+    code, out, _ = run_cli(capsys, "selfcheck", "-c", str(path), "-o", str(tmp_path / "off"), "--json",
+                           "--set", "selfcheck.cross_fit=0")
+    doc = json.loads(out)
+    assert doc["cross_fit"]["folds"] is None and "selfcheck.cross_fit: 0" in " ".join(doc["warnings"])
+
+    (tmp_path / "lr").mkdir()
+    logreg, _ = write_case(tmp_path / "lr", n=200, flips=20)
+    assert run_cli(capsys, "train", "-c", str(logreg), "--quiet")[0] == 0
+    code, out, err = run_cli(capsys, "selfcheck", "-c", str(logreg), "--json", "--fail-above", "0.5")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert not doc["cross_fit"]["memorized"] and doc["cross_fit"]["folds"] is None and doc["flags_trusted"]
+    assert doc["loo_loss_method"] == "newton" and "estimated_s" not in doc["cross_fit"]
+
+
+def test_cross_fit_settings_are_validated(tmp_path, capsys):
+    path, _ = write_case(tmp_path)
+    for bad in ("1", "-2", "true", "sometimes"):
+        code, _, err = run_cli(capsys, "check", "-c", str(path), "--set", f"selfcheck.cross_fit={bad}")
+        assert code == 2 and "selfcheck.cross_fit" in err, (bad, err)
+    code, _, err = run_cli(capsys, "check", "-c", str(path), "--set", "selfcheck.cross_fit_budget=-1")
+    assert code == 2 and "cross_fit_budget" in err
+    code, _, err = run_cli(capsys, "selfcheck", "-c", str(path), "--cross-fit", "1")
+    assert code == 2 and "--cross-fit" in err
+
+
+def test_the_estimate_bounds_the_trainings_it_plans(tmp_path):
+    """estimate_seconds prices the 5 trainings within a factor 3 (a shared machine's noise) when they run the whole
+    recipe (L-BFGS that stops at tol earlier takes less), and counts the recipe's passes."""
+    import time
+    from dataclasses import replace
+
+    from influence_cli.crossfit import estimate_seconds, training_passes
+
+    path, _ = write_case(tmp_path, n=300, flips=30, hidden=16, wd=1e-6, epochs=200)
+    cfg = load_config(path)
+    split = load_split(cfg.data.train, "train", cfg.task)
+    objective = Objective(cfg.task, cfg.weight_decay)
+    estimate = estimate_seconds(cfg, split, objective, torch.device("cpu"), torch.float32, 5)
+    start = time.perf_counter()
+    out_of_fold_outputs(cfg, split, objective, torch.device("cpu"), torch.float32, 5)
+    took = time.perf_counter() - start
+    print(f"estimate {estimate:.2f} s, took {took:.2f} s")
+    assert took / 3 <= estimate <= 3 * took  # 200 L-BFGS iterations each (tol 1e-9 is not reached): what it prices
+    assert training_passes(cfg) == 200 * 5 // 4 + 1
+    adam = replace(cfg, train=replace(cfg.train, optimizer="adam", epochs=7))
+    assert training_passes(adam) == 8

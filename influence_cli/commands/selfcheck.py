@@ -55,13 +55,15 @@ class SelfcheckOptions:
     damping_sweep: bool = False
     group_by: str | None = None
     gallery: str = "sheet"  # image data: suspects.png | per-class: one sheet per given label | none
-    cross_fit: int | None = None  # K: out-of-fold outputs of K fresh models (crossfit.py) instead of Newton LOO
+    # K: out-of-fold outputs of K fresh models (crossfit.py) instead of Newton LOO; 0: never; None: selfcheck.cross_fit
+    cross_fit: int | None = None
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_BY:
             raise ConfigError(f"--rank-by: {self.rank_by!r} is not one of {', '.join(RANK_BY)}")
-        if self.cross_fit is not None and (isinstance(self.cross_fit, bool) or self.cross_fit < 2):
-            raise ConfigError(f"--cross-fit: the number of folds must be >= 2, got {self.cross_fit}")
+        if self.cross_fit is not None and (isinstance(self.cross_fit, bool) or self.cross_fit == 1
+                                           or self.cross_fit < 0):
+            raise ConfigError(f"--cross-fit: the number of folds must be >= 2 (0: never), got {self.cross_fit}")
         if self.gallery not in GALLERIES:
             raise ConfigError(f"--gallery: {self.gallery!r} is not one of {', '.join(GALLERIES)}")
 
@@ -69,7 +71,7 @@ class SelfcheckOptions:
 def selfcheck(run: Run, options: SelfcheckOptions = SelfcheckOptions()) -> Report:
     """The selfcheck report of an opened run (see the module docstring); under --shard i/N only the
     job's shards of the scored rows, stored in the cache."""
-    if options.cross_fit is not None and (run.job is not None or run.merge):
+    if options.cross_fit and (run.job is not None or run.merge):
         raise ConfigError("--cross-fit: not with --shard/--merge (its K trainings are not sharded)")
     if run.job is not None:
         run.fit()
@@ -104,8 +106,9 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     classification = run.cfg.task != "regression"
     labels = train.labels.numpy().reshape(n).astype(np.int64) if classification else None
     mismatch = pred != labels if classification else None
+    folds, plan = _cross_fit_plan(run, options, loss) if full else (None, None)
     with run.timer("audit"):
-        audit = _audit(run, solver, rows, newton=full, cross_fit=options.cross_fit if full else None)
+        audit = _audit(run, solver, rows, newton=full, cross_fit=folds)
     flagged = audit["flags"].flagged if run.cfg.selfcheck.flag_fraction is None else _top_fraction(
         audit["suspicion"], run.cfg.selfcheck.flag_fraction)
     if run.cfg.selfcheck.flag_requires_mismatch and mismatch is not None:
@@ -131,11 +134,11 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
         **({"oof_temperature": audit["oof_temperature"]} if "oof_temperature" in audit else {}),
         "objective_at_checkpoint": value, "grad_norm_at_checkpoint": float(grad_j.norm()),
     }
-    if classification and float(loss.mean()) < MEMORIZED_LOSS and options.cross_fit is None:
-        run.warnings.append(f"the model fits its training labels almost exactly (mean loss {loss.mean():.2g}): what"
-                            " it memorized, one fit cannot see, so the flags undercount (benchmarks/label_errors.md);"
-                            " audit it with `--cross-fit 5` (out-of-fold outputs of 5 fresh models), or a model that"
-                            " cannot memorize (params: last_layer, more weight_decay)")
+    if plan is not None:
+        summary["cross_fit"] = plan
+        summary["flags_trusted"] = not (plan["memorized"] and folds is None)
+        if not summary["flags_trusted"]:
+            run.warnings.append(_memorized_warning(float(loss.mean()), plan))
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
         run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "check the checkpoint and `infl train`"))
@@ -151,6 +154,47 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
             names[members] = name
         tables["selfcheck_groups.csv"] = group_table(names, flagged, audit["suspicion"], None)
     return tables, summary
+
+
+def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray) -> tuple[int | None, dict[str, Any]]:
+    """(folds to cross-fit or None, the summary's `cross_fit` block). --cross-fit K overrides
+    selfcheck.cross_fit; `auto` cross-fits AUTO_FOLDS folds when a classifier memorized its labels (mean training
+    loss under MEMORIZED_LOSS: one fit cannot see what it memorized) and crossfit.estimate_seconds says the
+    trainings fit in selfcheck.cross_fit_budget. A --merge computes nothing, so it never cross-fits."""
+    from ..crossfit import AUTO_FOLDS, estimate_seconds
+
+    explicit = options.cross_fit is not None
+    setting = options.cross_fit if explicit else run.cfg.selfcheck.cross_fit
+    memorized = run.cfg.task != "regression" and len(loss) > 0 and float(loss.mean()) < MEMORIZED_LOSS
+    plan: dict[str, Any] = {"setting": setting, "set_by": "--cross-fit" if explicit else "selfcheck.cross_fit",
+                            "memorized": memorized, "folds": None}
+    if setting == 0 or run.merge or (setting == "auto" and not memorized):
+        return None, plan
+    if setting != "auto":
+        return int(setting), {**plan, "folds": int(setting)}
+    budget = run.cfg.selfcheck.cross_fit_budget
+    with run.timer("cross_fit_estimate"):
+        estimate = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, AUTO_FOLDS,
+                                    budget)
+    folds = AUTO_FOLDS if estimate <= budget else None
+    return folds, {**plan, "folds": folds, "estimated_s": estimate, "budget_s": budget}
+
+
+def _memorized_warning(mean_loss: float, plan: dict[str, Any]) -> str:
+    """What a user reads when a memorizing model's flags come from one fit (see _cross_fit_plan)."""
+    if "estimated_s" in plan:
+        why = ("the automatic out-of-fold trainings (selfcheck.cross_fit: auto) were estimated at up to"
+               f" {plan['estimated_s']:.0f} s, over selfcheck.cross_fit_budget ({plan['budget_s']:.0f} s),"
+               " so they did not run")
+    elif plan["setting"] == 0:
+        why = "cross-fitting is off (" + ("--cross-fit 0" if plan["set_by"] == "--cross-fit"
+                                          else "selfcheck.cross_fit: 0") + ")"
+    else:
+        why = "--merge cross-fits nothing"
+    return (f"the model fits its training labels almost exactly (mean loss {mean_loss:.2g}): what it memorized, one"
+            f" fit cannot see, so the flags undercount (benchmarks/label_errors.md); {why}. Audit it with"
+            " `--cross-fit 5` (out-of-fold outputs of 5 fresh models), or a model that cannot memorize"
+            " (params: last_layer, more weight_decay)")
 
 
 def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, cross_fit: int | None = None) -> dict[str, Any]:
