@@ -251,6 +251,12 @@ def check_lines(ui: UI, s: dict[str, Any], show_config: bool) -> None:
         ui.out.print("selected by module: " + ", ".join(f"{m} {c:,}" for m, c in shown[:12]) + more)
     ui.out.print(f"solver: {s['solver']} ({s['solver_reason']})   per-example gradients of all rows:"
                  f" ~{s['gradient_seconds']} s")
+    plan = s.get("cross_fit")
+    if plan:
+        when = ("if the model memorized its labels (selfcheck.cross_fit: auto; over"
+                f" selfcheck.cross_fit_budget, {plan['budget_s']:g} s, they do not run)" if plan["setting"] == "auto"
+                else "(selfcheck.cross_fit)")
+        ui.out.print(f"selfcheck: {plan['folds']} out-of-fold trainings, ~{plan['estimated_s']} s at most, {when}")
     if s["cache"]["dir"]:
         state = "cached: a rerun skips the fit" if s["cache"]["fit_cached"] else "not cached yet"
         ui.out.print(f"fitted curvature for these inputs: {state} ({s['cache']['dir']})")

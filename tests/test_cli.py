@@ -249,8 +249,12 @@ def test_check_prints_facts(capsys, cfg):
     code, out, _ = run(capsys, "check", "-c", cfg, "--json")
     assert json.loads(out)["parameters"] == 650
     assert json.loads(out)["selected_by_module"] == {"linear": 650}
+    plan = json.loads(out)["cross_fit"]  # what selfcheck's out-of-fold fits would cost, if the model memorized
+    assert plan["setting"] == "auto" and plan["folds"] == 5 and 0 < plan["estimated_s"] and plan["budget_s"] == 600
     code, out, _ = run(capsys, "check", "-c", str(ROOT / "configs" / "digits_mlp.yaml"))
-    assert code == 0 and "selected by module: " in out
+    assert code == 0 and "selected by module: " in out and "5 out-of-fold trainings" in out
+    code, out, _ = run(capsys, "check", "-c", cfg, "--json", "--set", "selfcheck.cross_fit=0")
+    assert "cross_fit" not in json.loads(out)
 
 
 def test_same_inputs_give_identical_csvs(capsys, cfg, tmp_path):

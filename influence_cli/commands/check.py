@@ -64,6 +64,8 @@ def check(run: Run) -> Report:
         "gradient_seconds": round(grad_s, 2), "solver_estimates": estimates_by_solver, "phase_estimates": phases,
         "config": cfg.to_dict(),
     }
+    if cfg.task != "regression" and cfg.selfcheck.cross_fit != 0:
+        summary["cross_fit"] = cross_fit_estimate(run)
     return Report({}, summary, {"phases": run.timer.phases}, warnings)
 
 
@@ -91,6 +93,17 @@ def phase_estimates(name: str, config: Any, units: estimates.Units, fit: float, 
             out["refine"] = {"steps": steps, "hvp_passes": passes, "test_rows": n_test,
                              "seconds_per_pass": _round(per_pass), "seconds": _round(passes * per_pass)}
     return out
+
+
+def cross_fit_estimate(run: Run) -> dict[str, Any]:
+    """What selfcheck's out-of-fold fits would cost (selfcheck.cross_fit: K, or auto's 5 when the model memorized
+    its labels), priced as selfcheck prices them (crossfit.estimate_seconds, a few batches)."""
+    from ..crossfit import AUTO_FOLDS, estimate_seconds
+
+    setting, budget = run.cfg.selfcheck.cross_fit, run.cfg.selfcheck.cross_fit_budget
+    folds = AUTO_FOLDS if setting == "auto" else int(setting)
+    seconds = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, folds)
+    return {"setting": setting, "folds": folds, "estimated_s": _round(seconds), "budget_s": budget}
 
 
 def gradient_seconds(run: Run) -> float:
