@@ -47,6 +47,7 @@ RANK_BY = ("suspicion", "self_influence", "loo_loss", "loss")
 GALLERIES = ("sheet", "per-class", "none")
 NEWTON_LOO_MAX_P = 50_000  # the Newton pass holds (B, C, p) Jacobian blocks: beyond this, the first-order form
 MEMORIZED_LOSS = 0.02  # mean training loss below which a classifier has memorized its labels
+MEMORIZED_ACCURACY = 0.995  # ... or the share of its training labels it predicts, at or above which it has
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     classification = run.cfg.task != "regression"
     labels = train.labels.numpy().reshape(n).astype(np.int64) if classification else None
     mismatch = pred != labels if classification else None
-    folds, plan = _cross_fit_plan(run, options, loss) if full else (None, None)
+    folds, plan = _cross_fit_plan(run, options, loss, mismatch) if full else (None, None)
     with run.timer("audit"):
         audit = _audit(run, solver, rows, newton=full, cross_fit=folds)
     flagged = audit["flags"].flagged if run.cfg.selfcheck.flag_fraction is None else _top_fraction(
@@ -138,7 +139,7 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
         summary["cross_fit"] = plan
         summary["flags_trusted"] = not (plan["memorized"] and folds is None)
         if not summary["flags_trusted"]:
-            run.warnings.append(_memorized_warning(float(loss.mean()), plan))
+            run.warnings.append(_memorized_warning(float(loss.mean()), 1 - float(mismatch.mean()), plan))
     if mismatch is not None:
         summary["train_accuracy"] = float(1 - mismatch.mean())
         run.warnings.extend(accuracy_warnings(summary["train_accuracy"], "check the checkpoint and `infl train`"))
@@ -156,16 +157,20 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     return tables, summary
 
 
-def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray) -> tuple[int | None, dict[str, Any]]:
+def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray, mismatch: np.ndarray | None
+                    ) -> tuple[int | None, dict[str, Any]]:
     """(folds to cross-fit or None, the summary's `cross_fit` block). --cross-fit K overrides
     selfcheck.cross_fit; `auto` cross-fits AUTO_FOLDS folds when a classifier memorized its labels (mean training
-    loss under MEMORIZED_LOSS: one fit cannot see what it memorized) and crossfit.estimate_seconds says the
-    trainings fit in selfcheck.cross_fit_budget. A --merge computes nothing, so it never cross-fits."""
+    loss under MEMORIZED_LOSS, or MEMORIZED_ACCURACY of its labels predicted: one fit cannot see what it
+    memorized; on data that is in fact clean the out-of-fold audit agrees, at the trainings' cost) and
+    crossfit.estimate_seconds says the trainings fit in selfcheck.cross_fit_budget. A --merge computes nothing,
+    so it never cross-fits."""
     from ..crossfit import AUTO_FOLDS, estimate_seconds
 
     explicit = options.cross_fit is not None
     setting = options.cross_fit if explicit else run.cfg.selfcheck.cross_fit
-    memorized = run.cfg.task != "regression" and len(loss) > 0 and float(loss.mean()) < MEMORIZED_LOSS
+    memorized = mismatch is not None and len(loss) > 0 and (
+        float(loss.mean()) < MEMORIZED_LOSS or 1 - float(mismatch.mean()) >= MEMORIZED_ACCURACY)
     plan: dict[str, Any] = {"setting": setting, "set_by": "--cross-fit" if explicit else "selfcheck.cross_fit",
                             "memorized": memorized, "folds": None}
     if setting == 0 or run.merge or (setting == "auto" and not memorized):
@@ -180,7 +185,7 @@ def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray) -> tu
     return folds, {**plan, "folds": folds, "estimated_s": estimate, "budget_s": budget}
 
 
-def _memorized_warning(mean_loss: float, plan: dict[str, Any]) -> str:
+def _memorized_warning(mean_loss: float, accuracy: float, plan: dict[str, Any]) -> str:
     """What a user reads when a memorizing model's flags come from one fit (see _cross_fit_plan)."""
     if "estimated_s" in plan:
         why = ("the automatic out-of-fold trainings (selfcheck.cross_fit: auto) were estimated at up to"
@@ -191,7 +196,8 @@ def _memorized_warning(mean_loss: float, plan: dict[str, Any]) -> str:
                                           else "selfcheck.cross_fit: 0") + ")"
     else:
         why = "--merge cross-fits nothing"
-    return (f"the model fits its training labels almost exactly (mean loss {mean_loss:.2g}): what it memorized, one"
+    return (f"the model fits its training labels almost exactly (mean loss {mean_loss:.2g}, {accuracy:.1%} of them"
+            " predicted): what it memorized, one"
             f" fit cannot see, so the flags undercount (benchmarks/label_errors.md); {why}. Audit it with"
             " `--cross-fit 5` (out-of-fold outputs of 5 fresh models), or a model that cannot memorize"
             " (params: last_layer, more weight_decay)")
