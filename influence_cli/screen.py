@@ -123,42 +123,51 @@ class Screen:
         margin += (ACCUMULATION * math.sqrt(p) * 2.0**-24) * self.held_norms[:, None] * norms[None, :]
         return approx, margin.mul_(SLACK)
 
-    def scores(self, grads: Tensor, scale: float, k: int, above: Tensor, below: Tensor) -> tuple[Tensor, Tensor]:
+    def scores(self, grads: Tensor, scale: float, k: int, above: Tensor, below: Tensor, factors: Any = None
+               ) -> tuple[Tensor, Tensor]:
         """(scores for the largest side (T, B): held @ grads.T * scale in float32 where a pair can reach its test row's
         top k, -inf elsewhere; the same for the smallest side, +inf elsewhere). `above` / `below` (T,): the K-th
         largest / smallest score the row already holds (-inf / +inf before any); the block's own bounds raise them
         (k pairs whose lower bounds exceed a value put the top k above it)."""
-        t_count, rows = self.held.shape[0], grads.shape[0]
         approx, margin = self.bounds(grads)
-        approx.mul_(scale)
-        margin.mul_(abs(scale))
-        upper, lower = approx + margin, approx.sub_(margin)
-        if k <= rows:
-            above = torch.maximum(above, torch.topk(lower, k, dim=1).values[:, -1])
-            below = torch.minimum(below, torch.topk(upper, k, dim=1, largest=False).values[:, -1])
-        high = upper >= above[:, None]
-        low = lower <= below[:, None]
-        wanted = high | low
-        count = int(wanted.sum())
-        self.stats["pairs"] += t_count * rows
-        self.stats["rescored"] += count
-        exact = torch.full((t_count, rows), math.nan, dtype=self.held.dtype, device=self.held.device)
-        if count:
-            cols = wanted.any(0).nonzero().flatten()
-            if count * PAIR_COST >= t_count * len(cols):  # many candidates per column: those columns densely
-                exact[:, cols] = (self.held @ grads[cols].T) * scale
-                self.stats["dense_blocks"] += 1
-            else:  # per test row, its candidate columns against its held solve (one read of each)
-                t_idx, i_idx = wanted.nonzero(as_tuple=True)  # row-major: grouped by test row
-                values = torch.empty(count, dtype=self.held.dtype, device=self.held.device)
-                rows_, counts = torch.unique_consecutive(t_idx, return_counts=True)
-                start = 0
-                for t, c in zip(rows_.tolist(), counts.tolist(), strict=True):
-                    values[start : start + c] = torch.mv(grads.index_select(0, i_idx[start : start + c]), self.held[t])
-                    start += c
-                exact[t_idx, i_idx] = values * scale
-                self.stats["screened_blocks"] += 1
-        return exact.masked_fill(~high, -math.inf), exact.masked_fill_(~low, math.inf)
+        return rescore(self.held, grads, approx, margin, scale, k, above, below, self.stats)
+
+
+def rescore(held: Tensor, grads: Tensor, approx: Tensor, margin: Tensor, scale: float, k: int, above: Tensor,
+            below: Tensor, stats: dict[str, int]) -> tuple[Tensor, Tensor]:
+    """A screen's answer from its estimate `approx` (T, B) of held @ grads.T and a bound `margin` (T, B) on its
+    error (both consumed): held @ grads.T * scale in float32 where a pair can reach its test row's top k, -inf
+    elsewhere (largest side); the same with +inf (smallest side). See Screen.scores for `above` / `below`."""
+    t_count, rows = held.shape[0], grads.shape[0]
+    approx.mul_(scale)
+    margin.mul_(abs(scale))
+    upper, lower = approx + margin, approx.sub_(margin)
+    if k <= rows:
+        above = torch.maximum(above, torch.topk(lower, k, dim=1).values[:, -1])
+        below = torch.minimum(below, torch.topk(upper, k, dim=1, largest=False).values[:, -1])
+    high = upper >= above[:, None]
+    low = lower <= below[:, None]
+    wanted = high | low
+    count = int(wanted.sum())
+    stats["pairs"] += t_count * rows
+    stats["rescored"] += count
+    exact = torch.full((t_count, rows), math.nan, dtype=held.dtype, device=held.device)
+    if count:
+        cols = wanted.any(0).nonzero().flatten()
+        if count * PAIR_COST >= t_count * len(cols):  # many candidates per column: those columns densely
+            exact[:, cols] = (held @ grads[cols].T) * scale
+            stats["dense_blocks"] += 1
+        else:  # per test row, its candidate columns against its held solve (one read of each)
+            t_idx, i_idx = wanted.nonzero(as_tuple=True)  # row-major: grouped by test row
+            values = torch.empty(count, dtype=held.dtype, device=held.device)
+            rows_, counts = torch.unique_consecutive(t_idx, return_counts=True)
+            start = 0
+            for t, c in zip(rows_.tolist(), counts.tolist(), strict=True):
+                values[start : start + c] = torch.mv(grads.index_select(0, i_idx[start : start + c]), held[t])
+                start += c
+            exact[t_idx, i_idx] = values * scale
+            stats["screened_blocks"] += 1
+    return exact.masked_fill(~high, -math.inf), exact.masked_fill_(~low, math.inf)
 
 
 def plan(mode: str | bool, held_dtype: torch.dtype, test_rows: int, p: int, n: int, device: torch.device

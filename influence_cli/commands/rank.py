@@ -27,15 +27,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .. import report
+from .. import lowrank, report
 from ..cache import content_key
 from ..data import Split
 from ..errors import ConfigError
 from ..factored import FactoredGradients
 from ..gradients import BLOCK_BYTES, GradientSource
-from ..health import accuracy_warnings
 from ..groups import group_effects, group_warning, mean_loss_change, mean_loss_hvp
+from ..health import accuracy_warnings
 from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
+from ..lowrank import LowRankScreen
 from ..run import PhaseFn, Report, Run
 from ..scores import loss_change_if_removed
 from ..screen import Screen
@@ -101,6 +102,7 @@ class _Scoring:
     legacy: bool
     info: dict[str, Any]
     screen: bool = False  # a bfloat16 screen of each block's product (screen.py), decided per run
+    low_rank: bool = False  # try the low-rank screen (lowrank.py) on each block of held solves first
 
 
 def _scoring(run: Run, test_rows: int) -> _Scoring:
@@ -114,8 +116,10 @@ def _scoring(run: Run, test_rows: int) -> _Scoring:
     info.update(solves_dtype=str(run.dtype).removeprefix("torch."), test_rows_per_pass=per_block)
     use, info["screen"] = screen_plan(run.cfg.rank.screen, run.dtype, min(test_rows, per_block), p, run.train.n,
                                       run.device)
+    low_rank = lowrank.plan(run.cfg.rank.screen, run.dtype, min(test_rows, per_block), p, run.train.n,
+                            factored is not None)
     return _Scoring(factored if factored is not None else GradientSource(run.problem), run.dtype, per_block, False,
-                    info, use)
+                    info, use, low_rank)
 
 
 @dataclass
@@ -258,16 +262,24 @@ def _score_all(run: Run, test: _Test, k: int, scoring: _Scoring) -> dict[str, An
             merge_top(harmful, lo, hi, part["harmful_values"], part["harmful_rows"], largest=False)
             out["shards"] += 1
             out["reused"] += reused
-        if scoring.screen and screen.cache_info().currsize:
+        if screen.cache_info().currsize and screen() is not None:
+            kind = "low_rank" if isinstance(screen(), LowRankScreen) else "screen"
             for key_, value in screen().stats.items():
-                screened[key_] = screened.get(key_, 0) + value
-    if screened:
-        scoring.info["screen"].update(screened, rescored_fraction=screened["rescored"] / max(screened["pairs"], 1))
+                screened.setdefault(kind, {})[key_] = screened.get(kind, {}).get(key_, 0) + value
+    for kind, counts in screened.items():
+        scoring.info[kind].update(counts, rescored_fraction=counts["rescored"] / max(counts["pairs"], 1))
     return {**out, "helpful": helpful, "harmful": harmful}
 
 
-def _screen(run: Run, held: Tensor, scoring: _Scoring) -> Screen | None:
-    """The bfloat16 screen of one block of held solves, when the run uses one (screen.py)."""
+def _screen(run: Run, held: Tensor, scoring: _Scoring) -> Screen | LowRankScreen | None:
+    """The screen of one block of held solves: low rank (lowrank.py, exact) when the held solves allow it, else
+    the bfloat16 screen (screen.py) when the run uses one, else None (the plain float32 product)."""
+    if scoring.low_rank:
+        source = scoring.source
+        low, about = LowRankScreen.build(held, source.layers, source.slots(), seed=run.cfg.seed)
+        scoring.info["low_rank"] = about
+        if low is not None:
+            return low
     if not scoring.screen:
         return None
     return Screen.build(held, GradientSource(run.problem).rows_per_block(), seed=run.cfg.seed)
@@ -356,7 +368,7 @@ def _score_shard(run: Run, source: Any, solve: Any, first: bool, count: int, k: 
             above = torch.maximum(helpful[0].min(1).values, reached[0])
             below = torch.minimum(harmful[0].max(1).values, reached[1])
             high, low = screen.scores(b.grads, 1.0 / n, k, _to_float32(above, -math.inf, held.device),
-                                      _to_float32(below, math.inf, held.device))
+                                      _to_float32(below, math.inf, held.device), factors=b.factors)
             merge_top(helpful, 0, count, high.cpu(), b.idx, largest=True)
             merge_top(harmful, 0, count, low.cpu(), b.idx, largest=False)
         else:
