@@ -230,8 +230,9 @@ class SelfcheckConfig:
 class RankConfig:
     """How `rank` scores its pairs. See README, "Performance" (the bfloat16 screen)."""
 
-    # auto: a bfloat16 screen with exact float32 rescoring of the pairs that can reach a top K, when it is faster on
-    # this device; true: always (float32 runs); false: the plain float32 product
+    # auto: a screen with exact float32 rescoring of the pairs that can reach a top K: low rank (lowrank.py) where the
+    # held solves allow it, else bfloat16 when that is faster on this device; true: always try them (float32 runs);
+    # false: the plain float32 product
     screen: Literal["auto"] | bool = "auto"
 
 
