@@ -24,42 +24,13 @@ import time
 import label_errors as le
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
-from influence_cli.config import ModelConfig, TrainConfig
-from influence_cli.models import build_model
-from influence_cli.objective import Objective
 from influence_cli.suspicion import class_probs, fit_temperature, flag_errors, label_margin, suspicion
-from influence_cli.train import minimize
 
 torch.set_num_threads(1)
 
 
-def oof(x, y, classes, model, folds=5, seed=0, warm=None):
-    wd, hidden, _ = le.MODELS[model]
-    task = "binary" if classes == 2 else "classification"
-    width = 1 if task == "binary" else classes
-    kwargs = {"in_features": int(x.shape[1]), "num_classes": int(width)}
-    if hidden:
-        kwargs |= {"hidden": [hidden], "activation": "tanh"}
-    out = np.zeros((len(y), width))
-    for k, (fit, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)):
-        torch.manual_seed(seed + k)
-        net = build_model(ModelConfig(arch=model, kwargs=kwargs)).double().eval()
-        xt = torch.as_tensor(x[fit])
-        yt = torch.as_tensor(y[fit], dtype=torch.float64) if task == "binary" else torch.as_tensor(y[fit])
-        params = list(net.parameters())
-        minimize(
-            net,
-            params,
-            Objective(task, wd),
-            le.Rows(xt, yt),
-            len(fit),
-            TrainConfig(optimizer="lbfgs", epochs=5000 if hidden else 1000, tol=1e-7),
-        )
-        with torch.no_grad():
-            out[held] = net(torch.as_tensor(x[held])).numpy().reshape(len(held), -1)
-    return out
+oof = le.oof_outputs  # the same folds and trainings as label_errors.py
 
 
 CELLS = [(0.1, "uniform"), (0.2, "classcond")]

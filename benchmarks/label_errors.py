@@ -20,10 +20,14 @@ fits the direct solver and runs `signals.loo_loss` (the Newton leave-one-out out
 Scores compared (higher = more suspect): `loss`, `self_influence`, `cleanlab` (confident learning's
 self-confidence from 5-fold out-of-fold probabilities of the matching sklearn model with the same L2:
 cleanlab.rank.get_label_quality_scores; its flags from cleanlab.filter.find_label_issues) and
-`suspicion` (influence_cli.signals.suspicion). Metrics: recall of flips in the top 10% / 20% of rows
-and average precision ("suspicion - best": the smallest of the three differences to the best of
-loss / self_influence / cleanlab, >= -0.01 is the target); flags: count vs true flips, precision, and the flagged fraction when the same
-model is trained on the clean labels. Development only (needs scikit-learn, cleanlab, statsmodels,
+`suspicion` (influence_cli.signals.suspicion, from one fit's Newton leave-one-out) and `default` (what
+`infl selfcheck` ranks by by default: the same, except for a model that memorized its labels by selfcheck's
+test, which `selfcheck.cross_fit: auto` audits from 5 out-of-fold fits: rank_mean(loss, oof_loss, oof_margin);
+the `audit` column says which). Metrics: recall of flips in the top 10% / 20% of rows and average precision
+("suspicion - best", "default - best": the smallest of the three differences to the best of loss /
+self_influence / cleanlab, >= -0.01 is the target); flags (the default's: confident learning on the Newton
+leave-one-out probabilities, or on the temperature-scaled out-of-fold ones): count vs true flips, precision,
+and the flagged fraction when the same model is trained on the clean labels. Development only (needs scikit-learn, cleanlab, statsmodels,
 palmerpenguins: `pip install cleanlab statsmodels palmerpenguins`). From the repository root:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/label_errors.py [--datasets digits,wine] [--models logreg]
@@ -50,12 +54,13 @@ from sklearn.neural_network import MLPClassifier
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from influence_cli.commands.selfcheck import MEMORIZED_ACCURACY, MEMORIZED_LOSS  # noqa: E402
 from influence_cli.config import ModelConfig, SolverConfig, TrainConfig  # noqa: E402
 from influence_cli.models import build_model  # noqa: E402
 from influence_cli.objective import Objective, ParamSpace, Problem  # noqa: E402
 from influence_cli.signals import loo_loss  # noqa: E402
 from influence_cli.solvers import make_solver  # noqa: E402
-from influence_cli.suspicion import class_probs, flag_errors, label_margin, suspicion  # noqa: E402
+from influence_cli.suspicion import class_probs, fit_temperature, flag_errors, label_margin, suspicion  # noqa: E402
 from influence_cli.train import minimize  # noqa: E402
 
 DATASETS = ("digits", "breast_cancer", "wine", "iris", "penguins", "anes96")
@@ -63,7 +68,7 @@ MODELS = {  # name: (weight_decay, hidden, solver config)
     "logreg": (1e-3, None, SolverConfig(name="direct", damping=0.0)),
     "mlp": (1e-4, 32, SolverConfig(name="direct", damping=1e-3, hessian="gauss_newton")),
 }
-SIGNALS = ("loss", "self_influence", "cleanlab", "suspicion")
+SIGNALS = ("loss", "self_influence", "cleanlab", "suspicion", "default")
 
 
 def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -149,6 +154,50 @@ def influence_cell(x: np.ndarray, y: np.ndarray, classes: int, model: str, seed:
             "loo_outputs": res.loo_outputs, "leverage": res.leverage, "grad_norm": np.array(result.grad_norm)}
 
 
+def oof_outputs(x: np.ndarray, y: np.ndarray, classes: int, model: str, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """(n, C) out-of-fold outputs, as `selfcheck --cross-fit` computes them (crossfit.py): for each of `folds`
+    stratified folds a fresh model trained as influence_cell trains on the other rows, its outputs on the fold."""
+    wd, hidden, _ = MODELS[model]
+    task = "binary" if classes == 2 else "classification"
+    width = 1 if task == "binary" else classes
+    kwargs = {"in_features": int(x.shape[1]), "num_classes": int(width)}
+    if hidden:
+        kwargs |= {"hidden": [hidden], "activation": "tanh"}
+    out = np.zeros((len(y), width))
+    for k, (fit, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)):
+        torch.manual_seed(seed + k)
+        net = build_model(ModelConfig(arch=model, kwargs=kwargs)).double().eval()
+        yt = torch.as_tensor(y[fit], dtype=torch.float64) if task == "binary" else torch.as_tensor(y[fit])
+        minimize(net, list(net.parameters()), Objective(task, wd), Rows(torch.as_tensor(x[fit]), yt), len(fit),
+                 TrainConfig(optimizer="lbfgs", epochs=5000 if hidden else 1000, tol=1e-7))
+        with torch.no_grad():
+            out[held] = net(torch.as_tensor(x[held])).numpy().reshape(len(held), -1)
+    return out
+
+
+def memorized(c: dict[str, np.ndarray]) -> bool:
+    """selfcheck's test (commands/selfcheck.py): mean training loss under MEMORIZED_LOSS or MEMORIZED_ACCURACY of
+    the given labels predicted; such a model is audited from out-of-fold fits by default (selfcheck.cross_fit)."""
+    probs = class_probs(c["outputs"])
+    accuracy = float((probs.argmax(1) == c["labels"]).mean())
+    return float(c["loss"].mean()) < MEMORIZED_LOSS or accuracy >= MEMORIZED_ACCURACY
+
+
+def default_audit(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, object]:
+    """(suspicion, probabilities, flags) as `infl selfcheck` computes them by default: from the out-of-fold
+    outputs (flags on temperature-scaled ones) when the model memorized, else from the Newton leave-one-out."""
+    y = c["labels"]
+    if "oof_outputs" not in c:
+        probs = class_probs(c["loo_outputs"])
+        loo = c["loo_loss"] if "loo_loss" in c else -np.log(probs[np.arange(len(probs)), y])
+        return suspicion(c["loss"], loo, label_margin(probs, y)), probs, flag_errors(y, probs)
+    o = c["oof_outputs"]
+    probs = class_probs(o)
+    oof_loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None))
+    flags = flag_errors(y, class_probs(o / fit_temperature(o, y)))
+    return suspicion(c["loss"], oof_loss, label_margin(probs, y)), probs, flags
+
+
 def cleanlab_cell(x: np.ndarray, y: np.ndarray, model: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Confident learning (cleanlab) on 5-fold out-of-fold probabilities of the matching sklearn model."""
     from cleanlab.filter import find_label_issues
@@ -179,6 +228,8 @@ def cell(args: argparse.Namespace, name: str, model: str, rate: float, kind: str
     seed = int(1000 * rate) + (7 if kind == "classcond" else 0)
     y, flipped = (clean, np.zeros(len(clean), bool)) if rate == 0 else add_noise(clean, classes, rate, kind, seed)
     out = {"labels": y, "flipped": flipped, **influence_cell(x, y, classes, model)}
+    if memorized(out):
+        out["oof_outputs"] = oof_outputs(x, y, classes, model)
     if rate > 0:
         out |= cleanlab_cell(x, y, model)
     if path is not None:
@@ -192,7 +243,7 @@ def scores(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     probs = class_probs(c["loo_outputs"])
     loo = c["loo_loss"] if "loo_loss" in c else -np.log(probs[np.arange(len(probs)), c["labels"]])
     return {"loss": c["loss"], "self_influence": c["self_influence"], "cleanlab": c["cl_score"],
-            "suspicion": suspicion(c["loss"], loo, label_margin(probs, c["labels"]))}
+            "suspicion": suspicion(c["loss"], loo, label_margin(probs, c["labels"])), "default": default_audit(c)[0]}
 
 
 def metrics(score: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -212,14 +263,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     head = "| dataset | model | noise | kind | " + " | ".join(
-        f"{s} r@10 / r@20 / AP" for s in SIGNALS) + " | suspicion - best | flagged / flips | flag precision | CL flagged (prec.) " \
-        "| est. rate [90% int.] | clean-data flag rate |"
+        f"{s} r@10 / r@20 / AP" for s in SIGNALS) + " | suspicion - best | default - best | audit | flagged / flips " \
+        "| flag precision | CL flagged (prec.) | est. rate [90% int.] | clean-data flag rate |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     start = time.perf_counter()
     for name in args.datasets.split(","):
         for model in args.models.split(","):
             clean = cell(args, name, model, 0.0, "none")
-            clean_flags = flag_errors(clean["labels"], class_probs(clean["loo_outputs"]))
+            clean_flags = default_audit(clean)[2]
             for rate in map(float, args.rates.split(",")):
                 for kind in args.kinds.split(","):
                     c = cell(args, name, model, rate, kind)
@@ -228,7 +279,9 @@ def main() -> None:
                     cols = [" / ".join(f"{v:.3f}" for v in m) for m in measured.values()]
                     best = np.max([measured[k] for k in SIGNALS[:3]], axis=0)
                     cols.append(f"{np.min(np.array(measured['suspicion']) - best):+.3f}")
-                    flags = flag_errors(c["labels"], class_probs(c["loo_outputs"]))
+                    cols.append(f"{np.min(np.array(measured['default']) - best):+.3f}")
+                    cols.append("cross-fit" if "oof_outputs" in c else "one fit")
+                    flags = default_audit(c)[2]
                     f, cl = flags.flagged, c["cl_flagged"]
                     prec = truth[f].mean() if f.any() else float("nan")
                     lines.append(
