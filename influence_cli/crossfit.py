@@ -53,6 +53,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 AUTO_FOLDS = 5  # selfcheck.cross_fit: auto
+AUTO_MIN_ROWS = 2 * AUTO_FOLDS  # auto cross-fits no smaller training set: each fold holds out at least two rows
 
 
 def training_passes(cfg: Config) -> int:

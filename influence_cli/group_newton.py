@@ -50,7 +50,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
 from torch.func import functional_call, grad, vmap
 
 from .gradients import BLOCK_BYTES, GradientSource

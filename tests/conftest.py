@@ -14,6 +14,17 @@ from influence_cli.objective import Objective, ParamSpace, Problem
 torch.set_num_threads(1)  # tiny problems: threads only contend (measured 80x slower L-BFGS on a loaded 2-core box)
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """Python's own Ctrl-C handler for every test, however pytest was started: a shell's background job (`cmd &`)
+    starts with SIGINT ignored, and the interrupt tests then see no KeyboardInterrupt at all."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class ListLoader:
     """Re-iterable (row_idx, x, y) batches over in-memory tensors, in row order."""
 

@@ -5,7 +5,6 @@ cg's), and selfcheck's and rank's phases as the manifest times them (issue 12, b
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import ListLoader
 from torch import nn
 
 from influence_cli.config import TrainConfig
@@ -16,8 +17,6 @@ from influence_cli.head import frozen_head, head_features
 from influence_cli.models import cnn
 from influence_cli.objective import Objective, ParamSpace
 from influence_cli.train import minimize, polish
-
-from conftest import ListLoader
 
 RECIPE = TrainConfig(optimizer="lbfgs", lr=1.0, epochs=200, tol=1e-7)
 
@@ -147,9 +146,10 @@ def test_features_are_the_head_input_of_every_row_in_row_order():
 
 
 def test_verify_retrains_the_head_on_features_with_the_full_network_answer(monkeypatch):
+    from conftest import trained_case
+
     import influence_cli.head as head
     import influence_cli.retrain as retrain
-    from conftest import trained_case
 
     case = trained_case("mlp", n=40)
     case.problem.params = ParamSpace.select(case.problem.model, "last_layer")

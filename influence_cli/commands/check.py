@@ -12,6 +12,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from .. import estimates, resume
 from ..errors import ConfigError
 from ..gradients import GradientSource
@@ -108,16 +110,19 @@ def cross_fit_estimate(run: Run) -> dict[str, Any]:
 
 def gradient_seconds(run: Run) -> float:
     """Estimated seconds of one per-example-gradient pass over the training rows: one batch read
-    and computed to warm up (allocations, kernel selection), then the next batch read (image files
-    are decoded as they stream) and computed, timed, and scaled to n."""
+    and computed to warm up (allocations, kernel selection), then the next three batches read (image files
+    are decoded as they stream) and computed, each timed, and the median scaled to n."""
     source, size, n = GradientSource(run.problem), run.cfg.batch_size, run.train.n
     for _ in source.per_example(run.stream(run.train, range(0, min(size, n)))):
         pass
-    timed = range(size, min(2 * size, n)) if n > size else range(0, n)
-    start = time.perf_counter()
-    for _ in source.per_example(run.stream(run.train, timed)):
-        pass
-    return (time.perf_counter() - start) / len(timed) * n
+    per_row = []
+    for k in range(1, 4):  # the median of up to three timed batches: one batch is at the mercy of a shared machine
+        timed = range(k * size, min((k + 1) * size, n)) if n > k * size else range(0, min(size, n))
+        start = time.perf_counter()
+        for _ in source.per_example(run.stream(run.train, timed)):
+            pass
+        per_row.append((time.perf_counter() - start) / len(timed))
+    return float(np.median(per_row)) * n
 
 
 def _round(seconds: float | None) -> float | None:

@@ -34,8 +34,8 @@ from ..suspicion import (
     SUSPICION_METHOD_FIRST_ORDER,
     SUSPICION_METHOD_REGRESSION,
     class_probs,
-    flag_errors,
     fit_temperature,
+    flag_errors,
     flag_residuals,
     label_margin,
     suspicion,
@@ -163,9 +163,10 @@ def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray, misma
     selfcheck.cross_fit; `auto` cross-fits AUTO_FOLDS folds when a classifier memorized its labels (mean training
     loss under MEMORIZED_LOSS, or MEMORIZED_ACCURACY of its labels predicted: one fit cannot see what it
     memorized; on data that is in fact clean the out-of-fold audit agrees, at the trainings' cost) and
-    crossfit.estimate_seconds says the trainings fit in selfcheck.cross_fit_budget. A --merge computes nothing,
-    so it never cross-fits."""
-    from ..crossfit import AUTO_FOLDS, estimate_seconds
+    crossfit.estimate_seconds says the trainings fit in selfcheck.cross_fit_budget and there are at least
+    AUTO_MIN_ROWS rows (two per fold: fewer leaves folds that train on almost nothing). A --merge computes
+    nothing, so it never cross-fits."""
+    from ..crossfit import AUTO_FOLDS, AUTO_MIN_ROWS, estimate_seconds
 
     explicit = options.cross_fit is not None
     setting = options.cross_fit if explicit else run.cfg.selfcheck.cross_fit
@@ -177,6 +178,8 @@ def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray, misma
         return None, plan
     if setting != "auto":
         return int(setting), {**plan, "folds": int(setting)}
+    if len(loss) < AUTO_MIN_ROWS:
+        return None, {**plan, "skipped": f"{len(loss)} rows, under the {AUTO_MIN_ROWS} that {AUTO_FOLDS} folds need"}
     budget = run.cfg.selfcheck.cross_fit_budget
     with run.timer("cross_fit_estimate"):
         estimate = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, AUTO_FOLDS,
@@ -187,7 +190,9 @@ def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray, misma
 
 def _memorized_warning(mean_loss: float, accuracy: float, plan: dict[str, Any]) -> str:
     """What a user reads when a memorizing model's flags come from one fit (see _cross_fit_plan)."""
-    if "estimated_s" in plan:
+    if "skipped" in plan:
+        why = f"the automatic out-of-fold trainings (selfcheck.cross_fit: auto) did not run: {plan['skipped']}"
+    elif "estimated_s" in plan:
         why = ("the automatic out-of-fold trainings (selfcheck.cross_fit: auto) were estimated at up to"
                f" {plan['estimated_s']:.0f} s, over selfcheck.cross_fit_budget ({plan['budget_s']:.0f} s),"
                " so they did not run")
