@@ -199,6 +199,9 @@ def rank(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Quie
             cols = ["rank", "id", "label", "loss_change_if_removed"]
             ui.table("most harmful to the mean test loss", overall, cols, top)
             ui.table("most helpful to the mean test loss", overall.iloc[::-1].reset_index(drop=True), cols, top)
+            if "groups.csv" in result.tables:
+                ui.table("groups, most harmful first (method: newton estimate or retrained)",
+                         result.tables["groups.csv"], ["group", "size", "loss_change_if_removed", "method"], top)
             ui.out.print(f"{result.summary['test_examples']} test examples; wrote {', '.join(str(f) for f in files)}")
             render.sweep_lines(ui, result.summary)
             render.cache_line(ui, result.summary)

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
 from .config_build import build, plain, positive, resolve_paths
+from .errors import ConfigError
 from .safe_yaml import MAX_CONFIG_BYTES, parse_yaml
 
 _REQUIRED = {"required": True}
@@ -234,6 +234,15 @@ class RankConfig:
     # held solves allow it, else bfloat16 when that is faster on this device; true: always try them (float32 runs);
     # false: the plain float32 product
     screen: Literal["auto"] | bool = "auto"
+    # groups.csv: auto = retrain without each group whose Newton estimate is not trusted, largest |estimate| first,
+    # while the retrains are estimated to fit in group_retrain_budget seconds; true = retrain every group (no budget);
+    # false = estimates only (commands/rank_groups.py)
+    group_retrain: Literal["auto"] | bool = "auto"
+    group_retrain_budget: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.group_retrain_budget < 0:
+            raise ConfigError(f"group_retrain_budget: must be >= 0 seconds, got {self.group_retrain_budget}")
 
 
 @dataclass(frozen=True)

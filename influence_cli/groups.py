@@ -131,17 +131,6 @@ def untrusted_groups(frame: pd.DataFrame) -> list[str]:
     return [str(g) for g, t in zip(frame["group"], frame["trusted"], strict=True) if t is not None and not bool(t)]
 
 
-def group_warning(frame: pd.DataFrame) -> str | None:
-    """One warning line naming the untrusted groups, or None."""
-    bad = untrusted_groups(frame)
-    if not bad:
-        return None
-    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    return (f"groups.csv: the estimate for {len(bad)} group(s) ({shown}) had not converged (their removal moves the"
-            " model far from the checkpoint, where the objective is not quadratic): measure them with"
-            " `infl verify --groups`")
-
-
 def mean_loss_change(problem: Problem, loader: Loader, count: int) -> Callable[[Tensor], Tensor]:
     """X (G, p) -> (G,): the mean loss over `loader`'s `count` rows at theta* + X_g minus at theta*, float64;
     one pass over the rows, the G parameter points vmapped in chunks that fit BLOCK_BYTES."""

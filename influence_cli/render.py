@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -58,7 +65,7 @@ class Stdout:
 
 
 STDOUT = Stdout()
-NUMERIC_COLUMNS = {"rank", "self_influence", "suspicion", "loss", "prob_label", "loss_change_if_removed", "rows",
+NUMERIC_COLUMNS = {"rank", "self_influence", "suspicion", "loss", "prob_label", "loss_change_if_removed", "rows", "size",
                    "flagged", "estimated_error_rate", "mean_suspicion"}
 
 

@@ -132,10 +132,12 @@ def retrain_effects(problem: Problem, rows: Sequence[int] | np.ndarray, test_los
 def retrain_groups(problem: Problem, groups: Sequence[np.ndarray], test_loss_fn: TestLossFn, config: TrainConfig,
                    progress: Progress | None = None, *, workers: int = 1,
                    shuffled: Callable[[], Loader] | None = None, reference: RetrainResult | None = None,
-                   test_ihvp_mean: Tensor | None = None) -> list[RetrainResult]:
-    """As retrain_effects, removing each group of rows (int arrays) at once."""
+                   test_ihvp_mean: Tensor | None = None,
+                   go_on: Callable[[list[RetrainResult], RetrainResult], bool] | None = None) -> list[RetrainResult]:
+    """As retrain_effects, removing each group of rows (int arrays) at once. With `go_on(done, reference)` the
+    groups are retrained one after another (serially) while it returns True: the results so far, in order."""
     return _run(problem, [np.asarray(g, dtype=np.int64) for g in groups], test_loss_fn, config, progress,
-                workers, shuffled, reference, test_ihvp_mean)
+                workers, shuffled, reference, test_ihvp_mean, go_on)
 
 
 def retrain_reference(problem: Problem, test_loss_fn: TestLossFn, config: TrainConfig,
@@ -244,7 +246,8 @@ def _forked_result(job: tuple[np.ndarray, RetrainResult]) -> RetrainResult:
 
 def _run(problem: Problem, sets: list[np.ndarray], test_loss_fn: TestLossFn, config: TrainConfig,
          progress: Progress | None, workers: int, shuffled: Callable[[], Loader] | None,
-         reference: RetrainResult | None, test_ihvp_mean: Tensor | None) -> list[RetrainResult]:
+         reference: RetrainResult | None, test_ihvp_mean: Tensor | None,
+         go_on: Callable[[list[RetrainResult], RetrainResult], bool] | None = None) -> list[RetrainResult]:
     for rows in sets:
         if len(rows) and (rows.min() < 0 or rows.max() >= problem.n):
             raise ConfigError(f"verify: row index out of range 0..{problem.n - 1}")
@@ -254,6 +257,11 @@ def _run(problem: Problem, sets: list[np.ndarray], test_loss_fn: TestLossFn, con
         progress(0, len(sets))
     parallel = (workers > 1 and len(sets) > 1 and sys.platform.startswith("linux")
                 and problem.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods())
+    if go_on is not None:
+        done: list[RetrainResult] = []
+        while len(done) < len(sets) and go_on(done, ref):
+            done.append(_report(worker.result(sets[len(done)], ref), len(done), len(sets), progress))
+        return done
     if not parallel:
         return [_report(worker.result(rows, ref), i, len(sets), progress) for i, rows in enumerate(sets)]
     _FORKED["worker"] = worker

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -288,7 +288,8 @@ def test_rank_groups_csv_puts_the_noisy_annotator_first(capsys, workspace, tmp_p
                        f"model.checkpoint={workspace / 'data' / 'logreg.pt'}", "--group-by", "source")
     assert code == 0, err
     groups = pd.read_csv(tmp_path / "r" / "groups.csv")
-    assert list(groups.columns) == ["group", "size", "loss_change_if_removed", "loss_change_if_removed_1st",
+    assert list(groups.columns) == ["group", "size", "loss_change_if_removed", "method",
+                                    "loss_change_if_removed_newton", "loss_change_if_removed_1st",
                                     "loss_change_if_removed_2nd", "curvature_share", "trusted"]
     assert groups["group"][0] == "annotator_bad" and groups["size"][0] == flipped.sum()
     assert groups["loss_change_if_removed"].is_monotonic_increasing

@@ -159,3 +159,17 @@ def test_torchrun_needs_the_cache_and_refuses_shard_options(data, tmp_path):
     zero, one = _ranks(["selfcheck", "-c", cfg, "-o", str(tmp_path / "r"), "--shard", "0/2"])
     assert zero.returncode == one.returncode == 2
     assert zero.stderr.startswith("error: --shard: not under torchrun")
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_two_ranks_retrain_groups_on_rank_zero_alone(capsys, data, tmp_path, solver):
+    """rank --group-by with rank.group_retrain: true: the ranks split the scoring, then rank 0 retrains each group
+    alone (the others have left): groups.csv equals one process's."""
+    cfg = _config(data, tmp_path, solver)
+    extra = ["--test-ids", "d0022,d0103,d0160", "--group-by", "source", "--set", "rank.group_retrain=true"]
+    code, _, err = run_cli(capsys, "rank", "-c", cfg, "-o", str(tmp_path / "one"), "--no-cache", "--quiet", *extra)
+    assert code == 0, err
+    done = torchrun("rank", "-c", cfg, "-o", str(tmp_path / "two"), "--json", *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads(done.stdout)["group_retrain"]["retrained"]) == 4
+    assert_same_table(tmp_path / "one" / "groups.csv", tmp_path / "two" / "groups.csv")

@@ -277,7 +277,8 @@ def test_a_group_of_three_quarters_of_the_rows_is_estimated_and_trusted():
 
 def test_untrusted_groups_are_named_in_a_warning():
     from influence_cli.group_newton import CHORD_TRUST, NewtonSteps
-    from influence_cli.groups import group_warning, untrusted_groups
+    from influence_cli.commands.rank_groups import warning
+    from influence_cli.groups import untrusted_groups
 
     change = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     steps = NewtonSteps(change, torch.zeros(3, 4), torch.tensor([0.2, 0.6, 0.05]), torch.tensor([True, True, False]),
@@ -285,9 +286,16 @@ def test_untrusted_groups_are_named_in_a_warning():
     assert steps.untrusted().tolist() == [False, True, True]
     frame = pd.DataFrame({"group": ["a", "b", "c", "d"], "trusted": [True, False, False, None]})
     assert untrusted_groups(frame) == ["b", "c"]
-    line = group_warning(frame)
-    assert "2 group(s) (b, c)" in line and "infl verify --groups" in line
-    assert group_warning(frame.iloc[[0, 3]]) is None
+    info = {"setting": "auto", "budget_s": 600.0, "retrained": []}
+    line = warning(frame, info)
+    assert "2 group(s) (b, c)" in line and "infl verify --groups" in line and "(600 s)" in line
+    assert warning(frame.iloc[[0, 3]], info) is None
+    assert "rank.group_retrain is false" in warning(frame, {**info, "setting": False})
+    measured = pd.DataFrame({"group": ["a", "b"], "loss_change_if_removed": [0.1, 0.2], "trusted": [True, True]})
+    short = {"group": "b", "converged": False, "error_estimate": 0.05}  # a retrain that stopped early
+    assert "without b stopped above train.tol" in warning(measured, {**info, "retrained": [short]})
+    resolved = {**short, "error_estimate": 0.01}  # ... with an error small against the change it measured
+    assert warning(measured, {**info, "retrained": [resolved]}) is None
 
 
 def test_mean_loss_change_is_the_test_loss_at_the_moved_parameters():

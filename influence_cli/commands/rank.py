@@ -33,7 +33,7 @@ from ..data import Split
 from ..errors import ConfigError
 from ..factored import FactoredGradients
 from ..gradients import BLOCK_BYTES, GradientSource
-from ..groups import group_effects, group_warning, mean_loss_change, mean_loss_hvp
+from ..groups import group_effects, mean_loss_change, mean_loss_hvp
 from ..health import accuracy_warnings
 from ..knn import Neighbors, candidate_loader, check_knn, knn_neighbors
 from ..lowrank import LowRankScreen
@@ -41,6 +41,7 @@ from ..run import PhaseFn, Report, Run
 from ..scores import loss_change_if_removed
 from ..screen import Screen
 from ..screen import plan as screen_plan
+from . import rank_groups
 from .images import rank_strips
 from .sweep import damping_sweep
 
@@ -83,6 +84,12 @@ def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
     if options.damping_sweep:
         summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "overall.csv",
                                                  "loss_change_if_removed", descending=False)
+    if "groups.csv" in tables:  # measured by retraining where the estimate is not to be trusted
+        frame, summary["group_retrain"] = rank_groups.with_retrained(
+            run, tables["groups.csv"], run.group_rows(options.group_by), run.test_rows(options.test_ids))
+        tables["groups.csv"] = frame
+        if (line := rank_groups.warning(frame, summary["group_retrain"])) is not None:
+            run.warnings.append(line)
     with run.timer("strips"):  # image data: rank_strips.png, each test image with its top training images
         cfg = run.cfg
         norms = tuple((c.mean, c.std) for c in (cfg.data.test or cfg.data.train, cfg.data.train))
@@ -174,8 +181,6 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
                 run.problem, solver, mean_ihvp(), groups, lambda: source.per_example(run.problem.train_loader, train.ids),
                 test_hvp=mean_loss_hvp(run.problem, test.loader, len(test.rows)),
                 test_loss_change=mean_loss_change(run.problem, test.loader, len(test.rows)), progress=run.phase("groups"))
-            if (line := group_warning(tables["groups.csv"])) is not None:
-                run.warnings.append(line)
     summary: dict[str, Any] = {
         "command": "rank", "n": n, "test_examples": len(test.rows), "parameters": run.problem.params.size,
         "solver": solver.name, "top": k, "mean_test_loss": test.loss / len(test.rows),

@@ -62,12 +62,12 @@ def verify(run: Run, options: VerifyOptions = VerifyOptions()) -> Report:
     if (options.groups or options.group_by) and group_map is None:
         raise ConfigError("--groups: data.train.group is not set", hint="set it, or pass --group-by COLUMN")
     test_loader = run.stream(run.test, test_rows)  # type: ignore[arg-type]
-    mean_grad = _mean_test_gradient(run, test_loader, len(test_rows))
+    mean_grad = mean_test_gradient(run, test_loader, len(test_rows))
     predictions = _predictions(run, mean_grad)
     run.end_split()  # torchrun: the predictions were split over the ranks; rank 0 retrains alone
     predicted, mean_ihvp = predictions[run.damping]
     test_loss = mean_test_loss(run.problem.objective, test_loader)
-    shuffled = _shuffled(run)
+    shuffled = shuffled_loader(run)
     with run.timer("retrain"):
         reference = retrain_reference(run.problem, test_loss, run.cfg.train, shuffled, test_ihvp_mean=mean_ihvp)
         rows = choose_rows(predicted, min(options.samples, train.n), np.random.default_rng(run.cfg.seed))
@@ -98,7 +98,7 @@ def verify(run: Run, options: VerifyOptions = VerifyOptions()) -> Report:
     return run.finish(summary, tables)
 
 
-def _mean_test_gradient(run: Run, loader: Any, count: int) -> Tensor:
+def mean_test_gradient(run: Run, loader: Any, count: int) -> Tensor:
     with run.timer("test_gradients"):
         mean_grad = torch.zeros(run.problem.params.size, dtype=torch.float64, device=run.device)
         for b in GradientSource(run.problem).per_example(loader, run.test.ids):  # type: ignore[union-attr]
@@ -135,7 +135,7 @@ def _damping_name(base: float, damping: float) -> str:
     return "x1"
 
 
-def _shuffled(run: Run) -> Any:
+def shuffled_loader(run: Run) -> Any:
     """A freshly seeded minibatch loader for adam/sgd retrains (the same order for every retrain)."""
     if run.cfg.train.optimizer == "lbfgs":
         return None
