@@ -276,8 +276,8 @@ def test_a_group_of_three_quarters_of_the_rows_is_estimated_and_trusted():
 
 
 def test_untrusted_groups_are_named_in_a_warning():
-    from influence_cli.group_newton import CHORD_TRUST, NewtonSteps
     from influence_cli.commands.rank_groups import warning
+    from influence_cli.group_newton import CHORD_TRUST, NewtonSteps
     from influence_cli.groups import untrusted_groups
 
     change = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
