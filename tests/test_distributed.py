@@ -173,3 +173,22 @@ def test_two_ranks_retrain_groups_on_rank_zero_alone(capsys, data, tmp_path, sol
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads(done.stdout)["group_retrain"]["retrained"]) == 4
     assert_same_table(tmp_path / "one" / "groups.csv", tmp_path / "two" / "groups.csv")
+
+
+def test_two_ranks_cross_fit_a_memorizing_model_as_one_process(capsys, data, tmp_path):
+    """selfcheck.cross_fit: auto on a model that fits every training label (64 features, 256 rows, almost no weight
+    decay): the ranks take rank 0's decision (each times its own estimate) and write one process's report."""
+    cfg = Path(_config(data, tmp_path, "direct"))
+    cfg.write_text(cfg.read_text().replace("weight_decay: 0.001", "weight_decay: 1.0e-5")
+                   .replace(f"checkpoint: {data}/logreg.pt", f"checkpoint: {tmp_path}/fits.pt")
+                   + "train: {epochs: 200}\n")
+    code, _, err = run_cli(capsys, "train", "-c", str(cfg), "--quiet")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "selfcheck", "-c", str(cfg), "-o", str(tmp_path / "one"), "--no-cache", "--json")
+    assert code == 0, err
+    assert json.loads(out)["cross_fit"]["folds"] == 5  # memorized, and within the budget: cross-fitted
+    done = torchrun("selfcheck", "-c", str(cfg), "-o", str(tmp_path / "two"), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["cross_fit"]["folds"] == 5
+    for name in ("selfcheck.csv", "classes.csv"):
+        assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)

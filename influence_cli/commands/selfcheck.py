@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import report
+from .. import distributed, report
 from ..cache import content_key
 from ..errors import ConfigError
 from ..factored import FactoredGradients, ekfac_scored_rows
@@ -184,7 +184,8 @@ def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray, misma
     with run.timer("cross_fit_estimate"):
         estimate = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, AUTO_FOLDS,
                                     budget)
-    folds = AUTO_FOLDS if estimate <= budget else None
+    # torchrun: every rank times its own estimate; rank 0's decision holds on all, or they would part ways
+    folds = AUTO_FOLDS if distributed.agree(estimate <= budget) else None
     return folds, {**plan, "folds": folds, "estimated_s": estimate, "budget_s": budget}
 
 
