@@ -136,6 +136,9 @@ def cell(name: str, model: str, seed: int = 0) -> dict[str, object]:
     out["bad_most_harmful_actual"] = frame.index[int(np.argmin(act))] == "bad"
     out["untrusted"] = [g for g, t in frame["trusted"].items() if t is not None and not bool(t)]
     out["retrain_seconds"] = float(sum(retrain_seconds[g] for g in out["untrusted"]))
+    sizes = {g: len(groups[g]) / len(tr) for g in frame.index}
+    out["by_size"] = ", ".join(f"{g} {sizes[g]:.0%}: {e:+.4f}/{a:+.4f}" for g, e, a in sorted(
+        zip(frame.index, estimates["newton"], act, strict=True), key=lambda t: sizes[t[0]]))
     return out
 
 
@@ -155,6 +158,7 @@ def main() -> None:
                 + f"  (bad most harmful in fact: {'y' if r['bad_most_harmful_actual'] else 'n'};"
                   f" untrusted {r['untrusted']}, their retrains {r['retrain_seconds']:.1f} s; estimates"
                   f" {r['seconds']:.1f} s)", flush=True)
+            print(f"{'':22s} Newton/actual per group, by size: {r['by_size']}", flush=True)
     for k in SHOWN:
         pear = np.array([r[k + "_pearson"] for r in rows])
         print(f"{k:7s} Pearson median {np.median(pear):.3f} min {pear.min():.3f}; signs right in "

@@ -264,6 +264,11 @@ def check_lines(ui: UI, s: dict[str, Any], show_config: bool) -> None:
                 f" selfcheck.cross_fit_budget, {plan['budget_s']:g} s, they do not run)" if plan["setting"] == "auto"
                 else "(selfcheck.cross_fit)")
         ui.out.print(f"selfcheck: {plan['folds']} out-of-fold trainings, ~{plan['estimated_s']} s at most, {when}")
+    if retrain := s.get("group_retrain"):
+        which = ("the groups whose estimate is untrusted, within rank.group_retrain_budget"
+                 f" ({retrain['budget_s']:g} s)" if retrain["setting"] == "auto" else "every group")
+        ui.out.print(f"rank --group-by: retrains {which}: ~{retrain['each_s']} s each,"
+                     f" {retrain['groups']} groups in data.train.group")
     if s["cache"]["dir"]:
         state = "cached: a rerun skips the fit" if s["cache"]["fit_cached"] else "not cached yet"
         ui.out.print(f"fitted curvature for these inputs: {state} ({s['cache']['dir']})")

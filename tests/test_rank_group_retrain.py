@@ -104,3 +104,14 @@ def test_bad_budget_is_a_config_error(capsys, small, tmp_path):
     code, _, err = run(capsys, "rank", "-c", str(small / "config.yaml"), "-o", str(tmp_path),
                        "--set", "rank.group_retrain_budget=-1")
     assert code == 2 and "group_retrain_budget" in err
+
+
+def test_check_prices_the_group_retrains(capsys, small):
+    code, out, err = run(capsys, "check", "-c", str(small / "config.yaml"), "--json")
+    assert code == 0, err
+    plan = json.loads(out)["group_retrain"]
+    assert plan["setting"] == "auto" and plan["groups"] == 4 and plan["each_s"] > 0 and plan["budget_s"] == 600
+    code, out, _ = run(capsys, "check", "-c", str(small / "config.yaml"))
+    assert code == 0 and "rank --group-by: retrains the groups whose estimate is untrusted" in out
+    code, out, _ = run(capsys, "check", "-c", str(small / "config.yaml"), "--json", "--set", "rank.group_retrain=false")
+    assert "group_retrain" not in json.loads(out)

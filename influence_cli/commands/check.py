@@ -68,6 +68,8 @@ def check(run: Run) -> Report:
     }
     if cfg.task != "regression" and cfg.selfcheck.cross_fit != 0:
         summary["cross_fit"] = cross_fit_estimate(run)
+    if run.test is not None and (groups := run.group_rows(None)) and cfg.rank.group_retrain is not False:
+        summary["group_retrain"] = group_retrain_estimate(run, len(groups))
     return Report({}, summary, {"phases": run.timer.phases}, warnings)
 
 
@@ -106,6 +108,16 @@ def cross_fit_estimate(run: Run) -> dict[str, Any]:
     folds = AUTO_FOLDS if setting == "auto" else int(setting)
     seconds = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, folds)
     return {"setting": setting, "folds": folds, "estimated_s": _round(seconds), "budget_s": budget}
+
+
+def group_retrain_estimate(run: Run, groups: int) -> dict[str, Any]:
+    """What rank's group retrains would cost (rank.group_retrain, commands/rank_groups.py): one training each,
+    priced as rank prices the first (crossfit.estimate_seconds for one training)."""
+    from ..crossfit import estimate_seconds
+
+    each = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, 1)
+    return {"setting": run.cfg.rank.group_retrain, "groups": groups, "each_s": _round(each),
+            "budget_s": run.cfg.rank.group_retrain_budget}
 
 
 def gradient_seconds(run: Run) -> float:
