@@ -125,6 +125,11 @@ def start(device: torch.device) -> World:
     return _world
 
 
+def joined() -> bool:
+    """Whether this process joined a process group (live or since left)."""
+    return _world is not None
+
+
 def world() -> World | None:
     """The live World (None when not under torchrun, or after `leave`)."""
     return _world if _world is not None and _world.live else None
