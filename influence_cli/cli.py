@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from . import render
-from .cli_runtime import load_cli_config, out_dir, parse_shard, run_command, split_ids, torch_threads
+from .cli_runtime import (
+    end_torchrun_process,
+    load_cli_config,
+    out_dir,
+    parse_shard,
+    run_command,
+    split_ids,
+    torch_threads,
+)
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # the library imports torch (seconds): commands import it when they run, so --help is instant
@@ -477,6 +485,14 @@ def check(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qui
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become SPEC's `error:` lines with exit 2; Ctrl-C is 130."""
+    try:
+        _main(argv)
+    except SystemExit as e:
+        end_torchrun_process(e.code)
+        raise
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="infl")
     except KeyboardInterrupt:

@@ -37,17 +37,20 @@ def _interrupted_message() -> str:
     return f"error: interrupted; reports and checkpoints from earlier runs are untouched{resume}"
 
 
-def _exit_now_if_the_group_broke(e: InflError) -> None:
-    """A torchrun rank whose collective failed ends here with the error's code at once: the broken process group's
-    backend threads are still joinable, and the interpreter's normal exit destroys them, which aborts the process
-    ('terminate called without an active exception', SIGABRT) instead of exiting 4 (seen 1 in 4 runs)."""
+def end_torchrun_process(code: Any) -> None:
+    """A process that joined torchrun's process group ends here, with its exit code, at once (stdout and stderr
+    flushed): the group's backend threads can still be joinable after destroy_process_group, and the interpreter's
+    normal exit then destroys them and aborts the process ('terminate called without an active exception',
+    SIGABRT) instead of exiting 0 or 4 (seen on a rank that had finished its part, and on a rank whose collective
+    failed). Elsewhere a no-op: the normal exit follows."""
     distributed = sys.modules.get("influence_cli.distributed")
-    if distributed is not None and isinstance(e, distributed.DistributedError) and distributed.joined():
-        import os
+    if distributed is None or not distributed.joined():
+        return
+    import os
 
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.exit_code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 @contextmanager
@@ -71,7 +74,6 @@ def run_command(debug: bool, ui: render.UI | None = None) -> Iterator[None]:
         render.stderr_console().print(f"error: {e.message}")
         if e.hint:
             render.stderr_console().print(f"  hint: {e.hint}")
-        _exit_now_if_the_group_broke(e)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if debug:
