@@ -7,7 +7,7 @@ only when a page is rendered.
 
 Read here: `selfcheck.csv` (required), `selfcheck.manifest.json` or else `manifest.json` (summary figures and
 warnings, when it is selfcheck's),
-`classes.csv`, `selfcheck_groups.csv`, `overall.csv` and `suspects*.png` when present; and, with `history`,
+`classes.csv`, `selfcheck_groups.csv`, `overall.csv`, `groups.csv` and `suspects*.png` when present; and, with `history`,
 an older report folder's `selfcheck.csv` for what changed.
 """
 
@@ -104,6 +104,14 @@ def render_report(folder: Path, thumbnails: Mapping[str, bytes] | None = None, h
         parts += ["<h2>Most harmful training rows for the test set</h2>",
                   "<p class='note'>from overall.csv: removing a row with a negative value would lower the mean test"
                   " loss.</p>", _plain_table(overall.head(10))]
+    effects = _optional_csv(folder / "groups.csv", "group", "method")
+    if effects is not None:
+        shown = [c for c in ("group", "size", "loss_change_if_removed", "method", "loss_change_if_removed_newton",
+                             "trusted") if c in effects.columns]
+        parts += ["<h2>Group effects on the test loss</h2>",
+                  "<p class='note'>from groups.csv (rank --group-by): removing a group with a negative value would"
+                  " lower the mean test loss; method says whether it was estimated (newton) or measured by"
+                  " retraining.</p>", _plain_table(effects[shown])]
     body = "\n".join(p for p in parts if p)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"

@@ -185,3 +185,16 @@ def test_write_report_is_atomic(tmp_path):
     path = html_report.write_report(tmp_path / "r", text)
     assert path == tmp_path / "r" / "report.html" and path.read_text(encoding="utf-8") == text
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rank_group_effects_are_shown_with_their_method(tmp_path):
+    make_report(tmp_path / "r")
+    pd.DataFrame({"group": ["flips", "clean"], "size": [40, 200], "loss_change_if_removed": [-0.2, 0.05],
+                  "method": ["retrained", "newton"], "loss_change_if_removed_newton": [-0.02, 0.05],
+                  "loss_change_if_removed_1st": [-0.01, 0.04], "trusted": [True, True]}
+                 ).to_csv(tmp_path / "r" / "groups.csv", index=False)
+    text = html_report.render_report(tmp_path / "r")
+    effects = Page(text).tables[-1]
+    assert "Group effects on the test loss" in text
+    assert [row[0] for row in effects] == ["flips", "clean"] and [row[3] for row in effects] == ["retrained", "newton"]
+    assert len(effects[0]) == 6  # the first-order column stays in the CSV
