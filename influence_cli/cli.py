@@ -21,7 +21,6 @@ from .cli_runtime import (
     parse_shard,
     run_command,
     split_ids,
-    torch_threads,
 )
 from .errors import ConfigError
 
@@ -246,6 +245,7 @@ def verify(config: ConfigOpt, out: OutOpt = None, set_: SetOpt = None, quiet: Qu
         from .commands.fixcheck import FixCheckOptions, fix_check
         from .commands.verify import VerifyOptions, retrain_threads
         from .commands.verify import verify as verify_command
+        from .retrain import torch_threads
         from .run import Run
 
         if fix is None and (remove or min_gain is not None):

@@ -120,22 +120,6 @@ def load_cli_config(config: Path, overrides: list[str] | None, out: Path | None 
     return cfg
 
 
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op threads for one command (the library never sets them), restored after."""
-    if count is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def parse_shard(shard: str | None, merge: bool) -> tuple[int, int] | None:
     """--shard i/N as (i, N), 0 <= i < N; ConfigError for anything else."""
     if shard is not None and merge:

@@ -34,7 +34,8 @@ import math
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,21 @@ def retrain_reference(problem: Problem, test_loss_fn: TestLossFn, config: TrainC
                       test_ihvp_mean: Tensor | None = None) -> RetrainResult:
     """The recipe run from the checkpoint with nothing removed; its test loss is the reference."""
     return _Retrainer(problem, test_loss_fn, config, shuffled, test_ihvp_mean).reference()
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads for the retrains within (None: as they are), restored after: the caller decides
+    (verify's CLI command, rank's group retrains: `commands.verify.retrain_threads`), see retrain_effects."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def estimate_seconds(reference: RetrainResult, count: int, workers: int = 1) -> float:

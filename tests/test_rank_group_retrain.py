@@ -115,3 +115,25 @@ def test_check_prices_the_group_retrains(capsys, small):
     assert code == 0 and "rank --group-by: retrains the groups whose estimate is untrusted" in out
     code, out, _ = run(capsys, "check", "-c", str(small / "config.yaml"), "--json", "--set", "rank.group_retrain=false")
     assert "group_retrain" not in json.loads(out)
+
+
+def test_group_retrains_run_with_one_thread_for_a_small_model(capsys, small, tmp_path, monkeypatch):
+    """verify's rule (commands.verify.retrain_threads): small models retrain on one torch thread, restored after."""
+    import torch
+
+    from influence_cli.commands import rank_groups
+
+    seen, real = [], rank_groups.retrain_groups
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rank_groups, "retrain_groups", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _rank(capsys, small, tmp_path / "r", "rank.group_retrain=true")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

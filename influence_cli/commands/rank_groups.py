@@ -13,7 +13,8 @@ against the reference.
 data, priced on a batch: an upper figure, since a retrain starts at the checkpoint), each later one at the
 slowest retrain so far. `true` retrains every group, without a budget; `false` keeps the estimates. Measured
 effects are cached by content (checkpoint, data, test rows, recipe, the group's rows), so a nightly rerun on the
-same data retrains nothing. Under torchrun rank 0 retrains alone (the other ranks have finished their part).
+same data retrains nothing. Under torchrun rank 0 retrains alone (the other ranks have finished their part). The
+retrains run with verify's thread rule (`retrain_threads`: one torch thread below 100k parameters).
 
 groups.csv then gains `method` (newton | retrained) and `loss_change_if_removed_newton` (the estimate, kept for
 comparison) after `loss_change_if_removed`, which holds the measured change where a retrain ran; `trusted` is
@@ -31,9 +32,9 @@ import pandas as pd
 
 from ..cache import content_key
 from ..groups import untrusted_groups
-from ..retrain import RetrainResult, mean_test_loss, retrain_groups
+from ..retrain import RetrainResult, mean_test_loss, retrain_groups, torch_threads
 from ..run import Run
-from .verify import mean_test_gradient, shuffled_loader
+from .verify import mean_test_gradient, retrain_threads, shuffled_loader
 
 
 def with_retrained(run: Run, frame: pd.DataFrame, groups: dict[str, np.ndarray], test_rows: list[int]
@@ -114,7 +115,7 @@ def _retrain(run: Run, todo: list[str], groups: dict[str, np.ndarray], test_rows
         price = max([r.seconds for r in done], default=first)
         return time.perf_counter() - start + price <= budget
 
-    with run.timer("group_retrain"):
+    with run.timer("group_retrain"), torch_threads(retrain_threads(run)):
         results = retrain_groups(run.problem, [groups[g] for g in todo], test_loss, run.cfg.train,
                                  run.phase("group retrains"), shuffled=shuffled_loader(run), test_ihvp_mean=a,
                                  go_on=go_on)

@@ -149,7 +149,8 @@ def shuffled_loader(run: Run) -> Any:
 
 def retrain_threads(run: Run) -> int | None:
     """The torch threads retraining should run with: one for small models, whose OpenMP threads spin
-    against each other on shared cores (measured in retrain.retrain_effects); the CLI sets it."""
+    against each other on shared cores (measured in retrain.retrain_effects); verify's CLI command and rank's group
+    retrains (rank_groups.py) apply it with retrain.torch_threads."""
     return 1 if run.problem.params.size < 100_000 else None
 
 
