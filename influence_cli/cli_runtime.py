@@ -48,6 +48,8 @@ def end_torchrun_process(code: Any) -> None:
         return
     import os
 
+    if code is not None and not isinstance(code, int):  # what the interpreter does with SystemExit("message")
+        sys.stderr.write(f"{code}\n")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))

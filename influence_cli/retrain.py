@@ -134,8 +134,8 @@ def retrain_groups(problem: Problem, groups: Sequence[np.ndarray], test_loss_fn:
                    progress: Progress | None = None, *, workers: int = 1,
                    shuffled: Callable[[], Loader] | None = None, reference: RetrainResult | None = None,
                    test_ihvp_mean: Tensor | None = None,
-                   go_on: Callable[[list[RetrainResult], RetrainResult], bool] | None = None) -> list[RetrainResult]:
-    """As retrain_effects, removing each group of rows (int arrays) at once. With `go_on(done, reference)` the
+                   go_on: Callable[[list[RetrainResult]], bool] | None = None) -> list[RetrainResult]:
+    """As retrain_effects, removing each group of rows (int arrays) at once. With `go_on(done)` the
     groups are retrained one after another (serially) while it returns True: the results so far, in order."""
     return _run(problem, [np.asarray(g, dtype=np.int64) for g in groups], test_loss_fn, config, progress,
                 workers, shuffled, reference, test_ihvp_mean, go_on)
@@ -263,7 +263,7 @@ def _forked_result(job: tuple[np.ndarray, RetrainResult]) -> RetrainResult:
 def _run(problem: Problem, sets: list[np.ndarray], test_loss_fn: TestLossFn, config: TrainConfig,
          progress: Progress | None, workers: int, shuffled: Callable[[], Loader] | None,
          reference: RetrainResult | None, test_ihvp_mean: Tensor | None,
-         go_on: Callable[[list[RetrainResult], RetrainResult], bool] | None = None) -> list[RetrainResult]:
+         go_on: Callable[[list[RetrainResult]], bool] | None = None) -> list[RetrainResult]:
     for rows in sets:
         if len(rows) and (rows.min() < 0 or rows.max() >= problem.n):
             raise ConfigError(f"verify: row index out of range 0..{problem.n - 1}")
@@ -275,7 +275,7 @@ def _run(problem: Problem, sets: list[np.ndarray], test_loss_fn: TestLossFn, con
                 and problem.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods())
     if go_on is not None:
         done: list[RetrainResult] = []
-        while len(done) < len(sets) and go_on(done, ref):
+        while len(done) < len(sets) and go_on(done):
             done.append(_report(worker.result(sets[len(done)], ref), len(done), len(sets), progress))
         return done
     if not parallel:

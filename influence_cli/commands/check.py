@@ -112,10 +112,10 @@ def cross_fit_estimate(run: Run) -> dict[str, Any]:
 
 def group_retrain_estimate(run: Run, groups: int) -> dict[str, Any]:
     """What rank's group retrains would cost (rank.group_retrain, commands/rank_groups.py): one training each,
-    priced as rank prices the first (crossfit.estimate_seconds for one training)."""
-    from ..crossfit import estimate_seconds
+    priced as rank prices the first (rank_groups.retrain_seconds)."""
+    from .rank_groups import retrain_seconds
 
-    each = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, 1)
+    each = retrain_seconds(run)
     return {"setting": run.cfg.rank.group_retrain, "groups": groups, "each_s": _round(each),
             "budget_s": run.cfg.rank.group_retrain_budget}
 

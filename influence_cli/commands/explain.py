@@ -27,7 +27,7 @@ class ExplainOptions:
 def explain(run: Run, options: ExplainOptions) -> Report:
     """explain.csv: the test row's top helpful then top harmful training rows, with its prediction."""
     run.test_rows([options.test_id], option="TEST_ID")  # named as the user typed it
-    tables, summary = rank_cmd.score(run, rank_cmd.RankOptions(top=options.top, test_ids=[options.test_id]))
+    tables, summary, _ = rank_cmd.score(run, rank_cmd.RankOptions(top=options.top, test_ids=[options.test_id]))
     row = run.test_rows([options.test_id])[0]
     predicted, prob, loss = _prediction(run, row)
     parts = []

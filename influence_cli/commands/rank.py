@@ -80,13 +80,13 @@ def rank(run: Run, options: RankOptions = RankOptions()) -> Report:
         test = _test_gradients(run, rows, scoring)
         scored = _score_all(run, test, min(options.top, run.train.n), scoring)
         return run.finish_shard(scored["shards"] - scored["reused"], scored["reused"])
-    tables, summary = score(run, options)
+    tables, summary, mean_ihvp = score(run, options)
     if options.damping_sweep:
         summary["damping_sweep"] = damping_sweep(run, tables, lambda: score(run, options)[0], "overall.csv",
                                                  "loss_change_if_removed", descending=False)
     if "groups.csv" in tables:  # measured by retraining where the estimate is not to be trusted
         frame, summary["group_retrain"] = rank_groups.with_retrained(
-            run, tables["groups.csv"], run.group_rows(options.group_by), run.test_rows(options.test_ids))
+            run, tables["groups.csv"], run.group_rows(options.group_by), run.test_rows(options.test_ids), mean_ihvp)
         tables["groups.csv"] = frame
         if (line := rank_groups.warning(frame, summary["group_retrain"])) is not None:
             run.warnings.append(line)
@@ -141,8 +141,8 @@ class _Test:
     source: Any  # where the test gradients come from (FactoredGradients or GradientSource)
 
 
-def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """(tables, summary) at the run's damping."""
+def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict[str, Any], Any]:
+    """(tables, summary, () -> H^-1 of the selected test rows' mean gradient, solved once) at the run's damping."""
     train, n = run.train, run.train.n
     groups = run.group_rows(options.group_by)
     solver = run.fit()
@@ -195,7 +195,7 @@ def score(run: Run, options: RankOptions) -> tuple[dict[str, pd.DataFrame], dict
         summary["knn"] = _knn_summary(options, found, scored["scored_rows"], n)
     summary["scoring"] = scoring.info
     summary["cache"] = {"fit_reused": run.fit_reused, "shards": scored["shards"], "shards_reused": scored["reused"]}
-    return tables, summary
+    return tables, summary, mean_ihvp
 
 
 def _test_gradients(run: Run, rows: list[int], scoring: _Scoring) -> _Test:

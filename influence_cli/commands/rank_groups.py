@@ -25,21 +25,24 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import Tensor
 
 from ..cache import content_key
 from ..groups import untrusted_groups
 from ..retrain import RetrainResult, mean_test_loss, retrain_groups, torch_threads
 from ..run import Run
-from .verify import mean_test_gradient, retrain_threads, shuffled_loader
+from .verify import retrain_threads, shuffled_loader
 
 
-def with_retrained(run: Run, frame: pd.DataFrame, groups: dict[str, np.ndarray], test_rows: list[int]
-                   ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """(groups.csv with `method` and `loss_change_if_removed_newton`, the summary's `group_retrain` block)."""
+def with_retrained(run: Run, frame: pd.DataFrame, groups: dict[str, np.ndarray], test_rows: list[int],
+                   mean_ihvp: Callable[[], Tensor]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """(groups.csv with `method` and `loss_change_if_removed_newton`, the summary's `group_retrain` block).
+    mean_ihvp(): rank's H^-1 of the test rows' mean gradient (solved for group_effects), for each retrain's error."""
     setting, budget = run.cfg.rank.group_retrain, run.cfg.rank.group_retrain_budget
     frame = frame.copy()
     at = list(frame.columns).index("loss_change_if_removed") + 1
@@ -57,7 +60,8 @@ def with_retrained(run: Run, frame: pd.DataFrame, groups: dict[str, np.ndarray],
     measured = {g: stored for g in wanted if (stored := run.cache.get(keys[g])) is not None}
     todo = [g for g in wanted if g not in measured]
     if todo:
-        measured.update(_retrain(run, todo, groups, test_rows, keys, budget if setting == "auto" else None, info))
+        measured.update(_retrain(run, todo, groups, test_rows, mean_ihvp(), keys,
+                                 budget if setting == "auto" else None, info))
     info["not_retrained"] = [g for g in wanted if g not in measured]
     for g in wanted:
         if g in measured:
@@ -92,24 +96,28 @@ def warning(frame: pd.DataFrame, info: dict[str, Any]) -> str | None:
     return "; ".join(lines) or None
 
 
-def _retrain(run: Run, todo: list[str], groups: dict[str, np.ndarray], test_rows: list[int], keys: dict[str, str],
-             budget: float | None, info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Retrain without the groups of `todo` in order (all of them, or while the next is priced within budget)."""
+def retrain_seconds(run: Run, budget: float = float("inf")) -> float:
+    """The price of one group retrain, before any ran (also `infl check`'s): crossfit.estimate_seconds for one
+    training with the recipe, an upper figure, since a retrain starts at the checkpoint."""
     from ..crossfit import estimate_seconds
 
+    return estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, 1, budget)
+
+
+def _retrain(run: Run, todo: list[str], groups: dict[str, np.ndarray], test_rows: list[int], a: Tensor,
+             keys: dict[str, str], budget: float | None, info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Retrain without the groups of `todo` in order (all of them, or while the next is priced within budget)."""
     run.end_split()  # torchrun: the other ranks are done; rank 0 retrains alone, over every row
     start = time.perf_counter()
     if budget is not None:
         with run.timer("group_retrain_estimate"):
-            first = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, 1, budget)
+            first = retrain_seconds(run, budget)
         info.update(budget_s=budget, estimated_s=float(first))
         if first > budget:
             return {}
-    loader = run.stream(run.test, test_rows)  # type: ignore[arg-type]
-    test_loss = mean_test_loss(run.problem.objective, loader)
-    a = run.fitted().ihvp(mean_test_gradient(run, loader, len(test_rows))[None])[0]  # for each retrain's error
+    test_loss = mean_test_loss(run.problem.objective, run.stream(run.test, test_rows))  # type: ignore[arg-type]
 
-    def go_on(done: list[RetrainResult], reference: RetrainResult) -> bool:
+    def go_on(done: list[RetrainResult]) -> bool:
         if budget is None:
             return True
         price = max([r.seconds for r in done], default=first)
