@@ -120,16 +120,19 @@ PROBE_EPOCHS = 4
 
 def out_of_fold_outputs(cfg: Config, split: Split, objective: Objective, device: torch.device,
                         dtype: torch.dtype, folds: int, progress: ProgressFn | None = None, *,
-                        assignment: np.ndarray | None = None) -> np.ndarray:
+                        assignment: np.ndarray | None = None, part: tuple[int, int] = (0, 1)) -> np.ndarray:
     """(n, C) float64: each row's model output from the fold model that did not train on it. progress
-    gets phase "cross_fit", counting L-BFGS evaluations or epochs over all folds. `assignment`: each row's
-    fold (default: stratified_folds of the labels, seeded by cfg.seed)."""
+    gets phase "cross_fit", counting L-BFGS evaluations or epochs over the folds trained here. `assignment`:
+    each row's fold (default: stratified_folds of the labels, seeded by cfg.seed). `part` (r, R): train only
+    the folds k with k mod R = r (torchrun rank r of R); the other folds' rows stay 0, so the sum over the R
+    parts is the whole (a fold's model depends on its seed, not on who trains it)."""
     labels = split.labels.numpy().reshape(split.n)
     fold = assignment if assignment is not None else stratified_folds(
         labels.astype(np.int64) if objective.task != "regression" else labels, folds, cfg.seed)
     out: np.ndarray | None = None
     work = torch.float64 if cfg.train.optimizer == "lbfgs" else dtype
-    for k in range(folds):
+    mine = [k for k in range(folds) if k % part[1] == part[0]]
+    for step, k in enumerate(mine):
         model = _fresh(cfg, device, work, cfg.seed + 1 + k)
         exclude = torch.from_numpy(fold == k)
         generator = torch.Generator().manual_seed(cfg.seed + 1 + k)
@@ -139,14 +142,18 @@ def out_of_fold_outputs(cfg: Config, split: Split, objective: Objective, device:
             p.requires_grad_(True)
         minimize(model, params, objective, CastLoader(make_loader(split, cfg.batch_size), work), split.n, cfg.train,
                  exclude=exclude, shuffled=shuffled,
-                 progress=None if progress is None else _fold_progress(progress, k, folds))
+                 progress=None if progress is None else _fold_progress(progress, step, len(mine)))
         for p in params:
             p.requires_grad_(False)
         held = _outputs(model, split, cfg.batch_size, work, np.flatnonzero(fold == k))
         if out is None:
             out = np.zeros((split.n, held[1].shape[1]))
         out[held[0]] = held[1]
-    return out if out is not None else np.zeros((0, 1))
+    if out is None:  # no fold here (more ranks than folds): zeros of the model's output width
+        model = _fresh(cfg, device, work, cfg.seed + 1)
+        width = _outputs(model, split, cfg.batch_size, work, np.arange(min(split.n, 1)))[1].shape[1]
+        out = np.zeros((split.n, width))
+    return out
 
 
 def _fresh(cfg: Config, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:

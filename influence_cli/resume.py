@@ -9,8 +9,9 @@ fingerprint, model and objective settings, dtype, device type, seed, batch size,
   committed when it finishes; a rerun skips finished shards without reading their rows, and
   computes the missing ones the same way, so its CSVs are byte-identical to an uninterrupted run.
 - under torchrun (`split_shards`): rank r computes the shards of job r of WORLD_SIZE (`job_of`), the
-  ranks meet at a barrier, and rank 0 alone reads every shard (the others exit); the curvature is
-  decided by rank 0 (stored or not), fitted by all ranks together, and stored by rank 0.
+  ranks meet at a barrier, and rank 0 alone reads every shard (the others exit); the curvature and the
+  out-of-fold outputs (`shared`) are looked up by rank 0 (stored or not), computed by all ranks together, and
+  stored by rank 0.
 """
 
 from __future__ import annotations
@@ -72,20 +73,9 @@ def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, An
     name = fit_name(solver.name, key)
     if isinstance(solver, MemoryChecked):
         solver.check_memory(problem)  # refuse before reading a stored factor that could not be used (direct's is p x p)
-    world = distributed.world()
-    if world is not None:  # torchrun: rank 0 decides, every rank fits (the collectives need all) or reads
-        with cache.lock(name) if world.rank == 0 else nullcontext():
-            stored = cache.get(name) if world.rank == 0 else None
-            if distributed.agree(stored is not None):
-                stored = stored if stored is not None else cache.get(name)
-                if stored is None:
-                    raise DataError(f"torchrun: rank {world.rank} cannot read the fitted curvature rank 0 found in"
-                                    " cache.dir", hint="give every rank the same (shared) cache.dir")
-                return solver.load_state(stored, problem), True
-            solver.fit(problem, progress)
-            if world.rank == 0:
-                cache.put(name, solver.state())
-        return solver, False
+    if distributed.active():  # torchrun: rank 0 decides, every rank fits (the collectives need all) or reads
+        state, reused = shared(cache, name, lambda: _fitted_state(solver, problem, progress), "the fitted curvature")
+        return (solver.load_state(state, problem) if reused else solver), reused
     with cache.lock(name):  # concurrent jobs (--shard i/N): the first fits, the others wait and read it
         stored = cache.get(name)
         if stored is not None:
@@ -98,6 +88,34 @@ def fit_solver(cache: Cache, solver: Solver, problem: Problem, key: dict[str, An
         solver.fit(problem, progress)
         cache.put(name, solver.state())
     return solver, False
+
+
+def _fitted_state(solver: Solver, problem: Problem, progress: Progress | None) -> dict[str, Any]:
+    solver.fit(problem, progress)
+    return solver.state()
+
+
+def shared(cache: Cache, name: str, compute: Callable[[], dict[str, Any]], what: str) -> tuple[dict[str, Any], bool]:
+    """(value, reused) as `cache.cached`, under torchrun: rank 0 looks the entry up (holding its lock) and its
+    answer holds on every rank, so that either every rank reads the stored value or every rank runs `compute`,
+    which may hold collectives and must give every rank the same value; rank 0 stores it. Without a live
+    process group: cache.cached. `what` names the value in the error of a rank that cannot read what rank 0
+    found (a cache.dir that is not shared)."""
+    world = distributed.world()
+    if world is None:
+        return cache.cached(name, compute)
+    with cache.lock(name) if world.rank == 0 else nullcontext():
+        stored = cache.get(name) if world.rank == 0 else None
+        if distributed.agree(stored is not None):
+            stored = stored if stored is not None else cache.get(name)
+            if stored is None:
+                raise DataError(f"torchrun: rank {world.rank} cannot read {what} rank 0 found in cache.dir",
+                                hint="give every rank the same (shared) cache.dir")
+            return stored, True
+        value = compute()
+        if world.rank == 0:
+            cache.put(name, value)
+    return value, False
 
 
 def shard_ranges(n: int, shard_rows: int, batch_size: int, ranks: int = 1) -> list[range]:

@@ -76,6 +76,24 @@ def test_a_row_out_of_fold_output_does_not_depend_on_its_own_label(tmp_path):
     assert np.abs(moved[~same_fold] - base[~same_fold]).max() > 1e-4
 
 
+def test_parts_of_the_folds_sum_to_the_whole(tmp_path):
+    """torchrun rank r of R trains the folds k with k mod R = r: the parts are disjoint in rows and sum exactly to
+    one process's outputs (a fold's model depends on its seed, not on who trains it); a rank with no fold gives
+    zeros of the output width."""
+    path, _ = write_case(tmp_path, epochs=60)
+    cfg = load_config(path)
+    split = load_split(cfg.data.train, "train", cfg.task)
+    objective = Objective(cfg.task, cfg.weight_decay)
+    cpu = torch.device("cpu")
+    whole = out_of_fold_outputs(cfg, split, objective, cpu, torch.float64, 3)
+    parts = [out_of_fold_outputs(cfg, split, objective, cpu, torch.float64, 3, part=(r, 2)) for r in range(2)]
+    folds = stratified_folds(split.labels.numpy(), 3, cfg.seed)
+    assert not parts[0][folds == 1].any() and not parts[1][folds != 1].any()
+    np.testing.assert_array_equal(parts[0] + parts[1], whole)
+    idle = out_of_fold_outputs(cfg, split, objective, cpu, torch.float64, 3, part=(3, 4))
+    assert idle.shape == whole.shape and not idle.any()
+
+
 def test_cross_fit_finds_the_flips_a_memorizing_model_hides(capsys, tmp_path):
     """An MLP with little weight decay fits its 20 flipped labels: in-sample signals barely see them;
     the out-of-fold suspicion ranks more of them on top, flags them, and the manifest says how."""

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..factored import FactoredGradients, ekfac_scored_rows
 from ..gradients import GradientSource
 from ..health import accuracy_warnings, class_table, group_table
+from ..resume import shared
 from ..run import PhaseFn, Report, Run
 from ..scores import self_influence
 from ..signals import loo_loss, loo_loss_first_order, loss_rank
@@ -181,8 +182,10 @@ def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray, misma
     if len(loss) < AUTO_MIN_ROWS:
         return None, {**plan, "skipped": f"{len(loss)} rows, under the {AUTO_MIN_ROWS} that {AUTO_FOLDS} folds need"}
     budget = run.cfg.selfcheck.cross_fit_budget
+    world = distributed.world()
+    per_rank = -(-AUTO_FOLDS // (world.size if world is not None else 1))  # torchrun: the ranks share the folds
     with run.timer("cross_fit_estimate"):
-        estimate = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, AUTO_FOLDS,
+        estimate = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, per_rank,
                                     budget)
     # torchrun: every rank times its own estimate; rank 0's decision holds on all, or they would part ways
     folds = AUTO_FOLDS if distributed.agree(estimate <= budget) else None
@@ -222,9 +225,16 @@ def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, cross_fit:
 
         key = content_key({"base": run.base_key, "folds": cross_fit, "train": repr(run.cfg.train),
                            "model": repr(run.cfg.model), "seed": run.cfg.seed, "batch_size": run.cfg.batch_size})
+        world = distributed.world()
+        part = (world.rank, world.size) if world is not None else (0, 1)
+
+        def compute() -> dict[str, Any]:  # under torchrun each rank trains its folds, then the parts are summed
+            mine = out_of_fold_outputs(run.cfg, run.train, problem.objective, run.device, run.dtype, cross_fit,
+                                       run.progress, part=part)
+            return {"outputs": distributed.all_sum(torch.from_numpy(mine))}
+
         with run.timer("cross_fit"):
-            stored, _ = run.cache.cached(f"cross-fit-{key}", lambda: {"outputs": torch.from_numpy(out_of_fold_outputs(
-                run.cfg, run.train, problem.objective, run.device, run.dtype, cross_fit, run.progress))})
+            stored, _ = shared(run.cache, f"cross-fit-{key}", compute, "the out-of-fold outputs")
         outputs = stored["outputs"].numpy()
         loo = _held_out_loss(run, outputs)
         loo_method, source = f"cross_fit({cross_fit})", "oof"
