@@ -218,14 +218,16 @@ def cleanlab_cell(x: np.ndarray, y: np.ndarray, model: str, seed: int = 0) -> di
             "cl_probs": probs}
 
 
-def cell(args: argparse.Namespace, name: str, model: str, rate: float, kind: str) -> dict[str, np.ndarray]:
-    """Every array of one cell, from --cache when there; rate 0 = the clean labels."""
-    path = None if args.cache is None else Path(args.cache) / f"{name}_{model}_{rate:g}_{kind}.npz"
+def cell(args: argparse.Namespace, name: str, model: str, rate: float, kind: str, draw: int = 0) -> dict[str, np.ndarray]:
+    """Every array of one cell, from --cache when there; rate 0 = the clean labels; `draw` picks the noise draw
+    (draw 0 is the seed every earlier table used; draw d > 0 adds 10,000 d to it)."""
+    suffix = f"_d{draw}" if draw else ""
+    path = None if args.cache is None else Path(args.cache) / f"{name}_{model}_{rate:g}_{kind}{suffix}.npz"
     if path is not None and path.exists():
         return dict(np.load(path))
     x, clean = load_dataset(name)
     classes = int(clean.max()) + 1
-    seed = int(1000 * rate) + (7 if kind == "classcond" else 0)
+    seed = int(1000 * rate) + (7 if kind == "classcond" else 0) + 10_000 * draw
     y, flipped = (clean, np.zeros(len(clean), bool)) if rate == 0 else add_noise(clean, classes, rate, kind, seed)
     out = {"labels": y, "flipped": flipped, **influence_cell(x, y, classes, model)}
     if memorized(out):
@@ -252,6 +254,35 @@ def metrics(score: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
     return recall[0], recall[1], average_precision_score(truth, score)
 
 
+def row(args: argparse.Namespace, name: str, model: str, rate: float, kind: str, draws: list[int],
+        clean_rate: float) -> str:
+    """One table row: every figure is the mean over the noise draws (flag counts summed, precision pooled)."""
+    measured, gaps, flagged, flips, hits, cl_flagged, cl_hits, est, low, high, audits = \
+        [], [], 0, 0, 0, 0, 0, [], [], [], set()
+    for draw in draws:
+        c = cell(args, name, model, rate, kind, draw)
+        truth = c["flipped"]
+        m = {k: np.array(metrics(np.asarray(v), truth)) for k, v in scores(c).items()}
+        measured.append(m)
+        gaps.append(np.min(m["default"] - np.max([m[k] for k in SIGNALS[:3]], axis=0)))
+        flags = default_audit(c)[2]
+        f, cl = flags.flagged, c["cl_flagged"]
+        flagged, flips, hits = flagged + int(f.sum()), flips + int(truth.sum()), hits + int(truth[f].sum())
+        cl_flagged, cl_hits = cl_flagged + int(cl.sum()), cl_hits + int(truth[cl].sum())
+        est.append(flags.error_rate), low.append(flags.interval[0]), high.append(flags.interval[1])
+        audits.add("cross-fit" if "oof_outputs" in c else "one fit")
+    mean = {k: np.mean([m[k] for m in measured], axis=0) for k in SIGNALS}
+    best = np.max([mean[k] for k in SIGNALS[:3]], axis=0)
+    cols = [" / ".join(f"{v:.3f}" for v in mean[k]) for k in SIGNALS]
+    cols += [f"{np.min(mean['suspicion'] - best):+.3f}", f"{np.min(mean['default'] - best):+.3f}", "/".join(sorted(audits))]
+    n = len(draws)
+    text = (f"| {name} | {model} | {rate:.0%} | {kind} | " + " | ".join(cols)
+            + f" | {flagged / n:g} / {flips / n:g} | {hits / flagged if flagged else float('nan'):.3f} "
+            f"| {cl_flagged / n:g} ({cl_hits / cl_flagged if cl_flagged else float('nan'):.3f}) "
+            f"| {np.mean(est):.3f} [{np.mean(low):.3f}, {np.mean(high):.3f}] | {clean_rate:.3f} |")
+    return text + (f" {min(gaps):+.3f} |" if n > 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -259,12 +290,18 @@ def main() -> None:
     parser.add_argument("--rates", default="0.1,0.2")
     parser.add_argument("--kinds", default="uniform,classcond")
     parser.add_argument("--cache", default=None, help="folder for each cell's arrays (npz); reruns only rescore")
+    parser.add_argument("--draws", default="0",
+                        help="noise draws, e.g. 0,1,2: each cell's figures are the mean over them (0 = the single "
+                             "draw of the earlier tables)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    draws = [int(d) for d in args.draws.split(",")]
     head = "| dataset | model | noise | kind | " + " | ".join(
         f"{s} r@10 / r@20 / AP" for s in SIGNALS) + " | suspicion - best | default - best | audit | flagged / flips " \
         "| flag precision | CL flagged (prec.) | est. rate [90% int.] | clean-data flag rate |"
+    if len(draws) > 1:
+        head += " default - best, worst draw |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     start = time.perf_counter()
     for name in args.datasets.split(","):
@@ -273,22 +310,7 @@ def main() -> None:
             clean_flags = default_audit(clean)[2]
             for rate in map(float, args.rates.split(",")):
                 for kind in args.kinds.split(","):
-                    c = cell(args, name, model, rate, kind)
-                    truth = c["flipped"]
-                    measured = {k: metrics(np.asarray(v), truth) for k, v in scores(c).items()}
-                    cols = [" / ".join(f"{v:.3f}" for v in m) for m in measured.values()]
-                    best = np.max([measured[k] for k in SIGNALS[:3]], axis=0)
-                    cols.append(f"{np.min(np.array(measured['suspicion']) - best):+.3f}")
-                    cols.append(f"{np.min(np.array(measured['default']) - best):+.3f}")
-                    cols.append("cross-fit" if "oof_outputs" in c else "one fit")
-                    flags = default_audit(c)[2]
-                    f, cl = flags.flagged, c["cl_flagged"]
-                    prec = truth[f].mean() if f.any() else float("nan")
-                    lines.append(
-                        f"| {name} | {model} | {rate:.0%} | {kind} | " + " | ".join(cols)
-                        + f" | {f.sum()} / {truth.sum()} | {prec:.3f} | {cl.sum()} ({truth[cl].mean():.3f}) "
-                        f"| {flags.error_rate:.3f} [{flags.interval[0]:.3f}, {flags.interval[1]:.3f}] "
-                        f"| {clean_flags.flagged.mean():.3f} |")
+                    lines.append(row(args, name, model, rate, kind, draws, clean_flags.flagged.mean()))
                     print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     print(f"\n{time.perf_counter() - start:.0f} s")
