@@ -177,7 +177,9 @@ def test_two_ranks_retrain_groups_on_rank_zero_alone(capsys, data, tmp_path, sol
 
 def test_two_ranks_cross_fit_a_memorizing_model_as_one_process(capsys, data, tmp_path):
     """selfcheck.cross_fit: auto on a model that fits every training label (64 features, 256 rows, almost no weight
-    decay): the ranks take rank 0's decision (each times its own estimate) and write one process's report."""
+    decay): the ranks decide from the checkpoint's loss summed over their rows, take rank 0's decision (each times
+    its own estimate), train the five fold models between them (folds 0, 2, 4 and 1, 3), and write one process's
+    report."""
     cfg = Path(_config(data, tmp_path, "direct"))
     cfg.write_text(cfg.read_text().replace("weight_decay: 0.001", "weight_decay: 1.0e-5")
                    .replace(f"checkpoint: {data}/logreg.pt", f"checkpoint: {tmp_path}/fits.pt")
@@ -190,5 +192,6 @@ def test_two_ranks_cross_fit_a_memorizing_model_as_one_process(capsys, data, tmp
     done = torchrun("selfcheck", "-c", str(cfg), "-o", str(tmp_path / "two"), "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["cross_fit"]["folds"] == 5
+    assert json.loads(done.stdout)["cross_fit"]["ranks"] == 2  # decided and trained with both ranks in the group
     for name in ("selfcheck.csv", "classes.csv"):
         assert_same_table(tmp_path / "one" / name, tmp_path / "two" / name)

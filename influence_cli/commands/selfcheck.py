@@ -96,6 +96,10 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     full=False (the damping sweep) skips the Newton leave-one-out pass and uses the first-order one."""
     solver = run.fit()
     problem, train, n = run.problem, run.train, run.train.n
+    early = full and distributed.active()  # torchrun: cross-fit while every rank is in the group (the pass ends it)
+    if early:
+        folds, plan = _cross_fit_plan(run, options, *_checkpoint_fit(run))
+        oof = _out_of_fold(run, folds) if folds is not None else None
     rows = _scored_rows(run)
     with run.timer("checkpoint_gradient"):
         if rows["grad_sum"] is None:  # a RowScorer's pass that sums no gradient: one objective pass
@@ -108,9 +112,13 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     classification = run.cfg.task != "regression"
     labels = train.labels.numpy().reshape(n).astype(np.int64) if classification else None
     mismatch = pred != labels if classification else None
-    folds, plan = _cross_fit_plan(run, options, loss, mismatch) if full else (None, None)
+    if not early:
+        accuracy = None if mismatch is None else 1 - float(mismatch.mean()) if n else 0.0
+        folds, plan = _cross_fit_plan(run, options, float(loss.mean()) if n else 0.0, accuracy, n) if full else (
+            None, None)
+        oof = _out_of_fold(run, folds) if folds is not None else None
     with run.timer("audit"):
-        audit = _audit(run, solver, rows, newton=full, cross_fit=folds)
+        audit = _audit(run, solver, rows, newton=full, oof=oof, folds=folds)
     flagged = audit["flags"].flagged if run.cfg.selfcheck.flag_fraction is None else _top_fraction(
         audit["suspicion"], run.cfg.selfcheck.flag_fraction)
     if run.cfg.selfcheck.flag_requires_mismatch and mismatch is not None:
@@ -158,32 +166,34 @@ def score(run: Run, options: SelfcheckOptions, full: bool = True) -> tuple[dict[
     return tables, summary
 
 
-def _cross_fit_plan(run: Run, options: SelfcheckOptions, loss: np.ndarray, mismatch: np.ndarray | None
+def _cross_fit_plan(run: Run, options: SelfcheckOptions, mean_loss: float, accuracy: float | None, n: int
                     ) -> tuple[int | None, dict[str, Any]]:
-    """(folds to cross-fit or None, the summary's `cross_fit` block). --cross-fit K overrides
+    """(folds to cross-fit or None, the summary's `cross_fit` block), from the checkpoint's mean training loss and
+    the fraction of its labels predicted (None for regression) over n rows. --cross-fit K overrides
     selfcheck.cross_fit; `auto` cross-fits AUTO_FOLDS folds when a classifier memorized its labels (mean training
     loss under MEMORIZED_LOSS, or MEMORIZED_ACCURACY of its labels predicted: one fit cannot see what it
     memorized; on data that is in fact clean the out-of-fold audit agrees, at the trainings' cost) and
     crossfit.estimate_seconds says the trainings fit in selfcheck.cross_fit_budget and there are at least
-    AUTO_MIN_ROWS rows (two per fold: fewer leaves folds that train on almost nothing). A --merge computes
-    nothing, so it never cross-fits."""
+    AUTO_MIN_ROWS rows (two per fold: fewer leaves folds that train on almost nothing). Under torchrun the ranks
+    share the folds, so the estimate is of one rank's share. A --merge computes nothing, so it never cross-fits."""
     from ..crossfit import AUTO_FOLDS, AUTO_MIN_ROWS, estimate_seconds
 
     explicit = options.cross_fit is not None
     setting = options.cross_fit if explicit else run.cfg.selfcheck.cross_fit
-    memorized = mismatch is not None and len(loss) > 0 and (
-        float(loss.mean()) < MEMORIZED_LOSS or 1 - float(mismatch.mean()) >= MEMORIZED_ACCURACY)
+    memorized = accuracy is not None and n > 0 and (mean_loss < MEMORIZED_LOSS or accuracy >= MEMORIZED_ACCURACY)
     plan: dict[str, Any] = {"setting": setting, "set_by": "--cross-fit" if explicit else "selfcheck.cross_fit",
                             "memorized": memorized, "folds": None}
+    world = distributed.world()
+    if world is not None:
+        plan["ranks"] = world.size  # the folds are shared by this many processes (_out_of_fold)
     if setting == 0 or run.merge or (setting == "auto" and not memorized):
         return None, plan
     if setting != "auto":
         return int(setting), {**plan, "folds": int(setting)}
-    if len(loss) < AUTO_MIN_ROWS:
-        return None, {**plan, "skipped": f"{len(loss)} rows, under the {AUTO_MIN_ROWS} that {AUTO_FOLDS} folds need"}
+    if n < AUTO_MIN_ROWS:
+        return None, {**plan, "skipped": f"{n} rows, under the {AUTO_MIN_ROWS} that {AUTO_FOLDS} folds need"}
     budget = run.cfg.selfcheck.cross_fit_budget
-    world = distributed.world()
-    per_rank = -(-AUTO_FOLDS // (world.size if world is not None else 1))  # torchrun: the ranks share the folds
+    per_rank = -(-AUTO_FOLDS // plan.get("ranks", 1))  # torchrun: the ranks share the folds
     with run.timer("cross_fit_estimate"):
         estimate = estimate_seconds(run.cfg, run.train, run.problem.objective, run.device, run.dtype, per_rank,
                                     budget)
@@ -212,32 +222,62 @@ def _memorized_warning(mean_loss: float, accuracy: float, plan: dict[str, Any]) 
             " (params: last_layer, more weight_decay)")
 
 
-def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, cross_fit: int | None = None) -> dict[str, Any]:
-    """Suspicion and flags (suspicion.py): from K-fold out-of-fold outputs with `cross_fit` (crossfit.py);
+def _checkpoint_fit(run: Run) -> tuple[float, float | None, int]:
+    """(mean training loss, fraction of the labels predicted or None for regression, rows) at the checkpoint: one
+    forward pass over this rank's rows, summed over the ranks (what _cross_fit_plan decides on under torchrun,
+    before the scoring pass that gives one process the same figures row by row)."""
+    local, _ = distributed.part(run.problem.train_loader)
+    model, objective, device = run.problem.model, run.problem.objective, run.device
+    loss_sum = correct = count = 0.0
+    with torch.no_grad():
+        for _, x, y in local:
+            out, y = model(x.to(device)), y.to(device)
+            loss_sum += float(objective.per_example_loss(out, y).double().sum())
+            count += len(y)
+            if run.cfg.task == "classification":
+                correct += float((out.reshape(len(y), -1).argmax(1) == y.reshape(-1).long()).sum())
+            elif run.cfg.task == "binary":
+                correct += float(((out.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum())
+    loss_sum, correct, count = distributed.sum_numbers(loss_sum, correct, count)
+    n = int(round(count))
+    mean = loss_sum / n if n else 0.0
+    return mean, None if run.cfg.task == "regression" else (correct / n if n else 0.0), n
+
+
+def _out_of_fold(run: Run, folds: int) -> np.ndarray:
+    """(n, C) out-of-fold outputs of `folds` fresh models (crossfit.py), cached by content. Under torchrun rank r
+    of R trains the folds k = r mod R and the ranks sum their parts (each holds only its folds' rows)."""
+    from ..crossfit import out_of_fold_outputs
+
+    key = content_key({"base": run.base_key, "folds": folds, "train": repr(run.cfg.train),
+                       "model": repr(run.cfg.model), "seed": run.cfg.seed, "batch_size": run.cfg.batch_size})
+    world = distributed.world()
+    part = (world.rank, world.size) if world is not None else (0, 1)
+
+    def compute() -> dict[str, Any]:
+        mine = out_of_fold_outputs(run.cfg, run.train, run.problem.objective, run.device, run.dtype, folds,
+                                   run.progress, part=part)
+        return {"outputs": distributed.all_sum(torch.from_numpy(mine)), "folds": folds}
+
+    with run.timer("cross_fit"):
+        stored, _ = shared(run.cache, f"cross-fit-{key}", compute, "the out-of-fold outputs")
+    return stored["outputs"].numpy()
+
+
+def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, oof: np.ndarray | None = None,
+           folds: int | None = None) -> dict[str, Any]:
+    """Suspicion and flags (suspicion.py): from the out-of-fold outputs `oof` (n, C) of `folds` folds when
+    given (_out_of_fold);
     else from the Newton leave-one-out outputs when the solver is factored and the output is at most
     NEWTON_MAX_CLASSES wide (about C self-influence passes), else from the first-order leave-one-out
     loss and one forward pass."""
     problem, n, task = run.problem, run.train.n, run.cfg.task
-    newton = (newton and cross_fit is None and isinstance(solver, Factored)
+    newton = (newton and oof is None and isinstance(solver, Factored)
               and _output_width(run) <= NEWTON_MAX_CLASSES and problem.params.size <= NEWTON_LOO_MAX_P)
-    if cross_fit is not None:
-        from ..crossfit import out_of_fold_outputs
-
-        key = content_key({"base": run.base_key, "folds": cross_fit, "train": repr(run.cfg.train),
-                           "model": repr(run.cfg.model), "seed": run.cfg.seed, "batch_size": run.cfg.batch_size})
-        world = distributed.world()
-        part = (world.rank, world.size) if world is not None else (0, 1)
-
-        def compute() -> dict[str, Any]:  # under torchrun each rank trains its folds, then the parts are summed
-            mine = out_of_fold_outputs(run.cfg, run.train, problem.objective, run.device, run.dtype, cross_fit,
-                                       run.progress, part=part)
-            return {"outputs": distributed.all_sum(torch.from_numpy(mine))}
-
-        with run.timer("cross_fit"):
-            stored, _ = shared(run.cache, f"cross-fit-{key}", compute, "the out-of-fold outputs")
-        outputs = stored["outputs"].numpy()
+    if oof is not None:
+        outputs = oof
         loo = _held_out_loss(run, outputs)
-        loo_method, source = f"cross_fit({cross_fit})", "oof"
+        loo_method, source = f"cross_fit({folds})", "oof"
     elif newton:
         res = loo_loss(problem, solver, progress=run.phase("loo"))
         loo, outputs = res.loo_loss, res.loo_outputs
