@@ -214,3 +214,21 @@ def test_the_estimate_bounds_the_trainings_it_plans(tmp_path):
     assert training_passes(cfg) == 200 * 5 // 4 + 1
     adam = replace(cfg, train=replace(cfg.train, optimizer="adam", epochs=7))
     assert training_passes(adam) == 8
+
+
+def test_the_memorization_rule_counts_a_model_that_fits_all_but_one_of_150_labels():
+    """A classifier that predicts at least 99% of its training labels (or has mean loss under 0.02) memorized
+    them: one fit cannot show more than a 1% error rate. A 150-row MLP that fits 149 noisy labels (99.3%, mean
+    loss 0.03) is one (at 99.5% it was not, and iris was audited from one fit); 98.5% is not; regression never."""
+    from types import SimpleNamespace
+
+    from influence_cli.commands.selfcheck import SelfcheckOptions, _cross_fit_plan
+
+    run = SimpleNamespace(cfg=SimpleNamespace(selfcheck=SimpleNamespace(cross_fit=0)), merge=False)
+    options = SelfcheckOptions()
+
+    def memorized(loss, accuracy):
+        return _cross_fit_plan(run, options, loss, accuracy, 150)[1]["memorized"]
+
+    assert memorized(0.03, 149 / 150) and memorized(0.01, 0.9)
+    assert not memorized(0.03, 0.985) and not memorized(0.001, None)
