@@ -20,7 +20,8 @@ fits the direct solver and runs `signals.loo_loss` (the Newton leave-one-out out
 Scores compared (higher = more suspect): `loss`, `self_influence`, `cleanlab` (confident learning's
 self-confidence from 5-fold out-of-fold probabilities of the matching sklearn model with the same L2:
 cleanlab.rank.get_label_quality_scores; its flags from cleanlab.filter.find_label_issues) and
-`suspicion` (influence_cli.signals.suspicion, from one fit's Newton leave-one-out) and `default` (what
+`suspicion` (influence_cli.suspicion.suspicion, from one fit's Newton leave-one-out, the training loss's rank
+weighted 0.8) and `default` (what
 `infl selfcheck` ranks by by default: the same, except for a model that memorized its labels by selfcheck's
 test, which `selfcheck.cross_fit: auto` audits from 5 out-of-fold fits: rank_mean(loss, oof_loss, oof_margin);
 the `audit` column says which). Metrics: recall of flips in the top 10% / 20% of rows and average precision
@@ -60,7 +61,14 @@ from influence_cli.models import build_model  # noqa: E402
 from influence_cli.objective import Objective, ParamSpace, Problem  # noqa: E402
 from influence_cli.signals import loo_loss  # noqa: E402
 from influence_cli.solvers import make_solver  # noqa: E402
-from influence_cli.suspicion import class_probs, fit_temperature, flag_errors, label_margin, suspicion  # noqa: E402
+from influence_cli.suspicion import (  # noqa: E402
+    ONE_FIT_LOSS_WEIGHT,
+    class_probs,
+    fit_temperature,
+    flag_errors,
+    label_margin,
+    suspicion,
+)
 from influence_cli.train import minimize  # noqa: E402
 
 DATASETS = ("digits", "breast_cancer", "wine", "iris", "penguins", "anes96")
@@ -190,7 +198,7 @@ def default_audit(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, obj
     if "oof_outputs" not in c:
         probs = class_probs(c["loo_outputs"])
         loo = c["loo_loss"] if "loo_loss" in c else -np.log(probs[np.arange(len(probs)), y])
-        return suspicion(c["loss"], loo, label_margin(probs, y)), probs, flag_errors(y, probs)
+        return suspicion(c["loss"], loo, label_margin(probs, y), ONE_FIT_LOSS_WEIGHT), probs, flag_errors(y, probs)
     o = c["oof_outputs"]
     probs = class_probs(o)
     oof_loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None))
@@ -250,7 +258,8 @@ def scores(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     probs = class_probs(c["loo_outputs"])
     loo = c["loo_loss"] if "loo_loss" in c else -np.log(probs[np.arange(len(probs)), c["labels"]])
     return {"loss": c["loss"], "self_influence": c["self_influence"], "cleanlab": c["cl_score"],
-            "suspicion": suspicion(c["loss"], loo, label_margin(probs, c["labels"])), "default": default_audit(c)[0]}
+            "suspicion": suspicion(c["loss"], loo, label_margin(probs, c["labels"]), ONE_FIT_LOSS_WEIGHT),
+            "default": default_audit(c)[0]}
 
 
 def metrics(score: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:

@@ -76,7 +76,7 @@ def test_selfcheck_writes_spec_csv_and_manifest(capsys, cfg, tmp_path):
                 "phases_seconds", "memory", "summary"):
         assert key in manifest, key
     assert manifest["parameters"] == 650 and manifest["solver"]["factorization"] == "cholesky"
-    assert manifest["summary"]["suspicion_method"] == "rank_mean(loss,loo_loss,loo_margin)"
+    assert manifest["summary"]["suspicion_method"] == "weighted_rank_mean(loss:0.8,loo_loss:0.1,loo_margin:0.1)"
     lo, hi = manifest["summary"]["estimated_error_rate_ci90"]
     assert lo <= manifest["summary"]["estimated_error_rate"] <= hi
 

@@ -241,6 +241,19 @@ def test_suspicion_is_the_mean_rank_of_its_components():
     np.testing.assert_allclose(suspicion(loss, loo), [5 / 8] * 4)
 
 
+def test_one_fit_suspicion_weights_the_loss_and_the_rest_share():
+    """w rank(L) + (1 - w) mean(rank(LOO), rank(M)), ranks / n: with w = 0.8 the loss orders the rows unless two
+    are close, where the leave-one-out terms decide (rows 2 and 3 tie on the loss)."""
+    loss, loo, margin = np.array([1.0, 2.0, 3.0, 3.0]), np.array([4.0, 3.0, 1.0, 2.0]), np.array([0.0, 1.0, 0.5, 2.0])
+    got = suspicion(loss, loo, margin, 0.8)
+    rl, rloo, rm = np.array([1, 2, 3.5, 3.5]) / 4, np.array([4, 3, 1, 2]) / 4, np.array([1, 3, 2, 4]) / 4
+    np.testing.assert_allclose(got, 0.8 * rl + 0.1 * rloo + 0.1 * rm)
+    assert list(np.argsort(-got)) == [3, 2, 1, 0]
+    np.testing.assert_allclose(suspicion(loss, loo, margin, 1 / 3), suspicion(loss, loo, margin))
+    with pytest.raises(ValueError, match="loss_weight"):
+        suspicion(loss, loo, margin, 1.5)
+
+
 def test_flags_follow_the_per_class_thresholds():
     """Thresholds: class 0 mean p0 over rows labeled 0 = (0.9 + 0.3) / 2 = 0.6; class 1: (0.8 + 0.6) / 2 = 0.7.
     Row 1 (label 0, p1 = 0.7 >= 0.7) confidently belongs to 1; row 3 (label 1, p0 = 0.4) to no class."""

@@ -31,6 +31,7 @@ from ..suspicion import (
     FLAG_METHOD,
     FLAG_METHOD_REGRESSION,
     NEWTON_MAX_CLASSES,
+    ONE_FIT_LOSS_WEIGHT,
     SUSPICION_METHOD,
     SUSPICION_METHOD_FIRST_ORDER,
     SUSPICION_METHOD_REGRESSION,
@@ -303,7 +304,8 @@ def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, oof: np.nd
               "oof": "rank_mean(loss,oof_loss,oof_margin)"}[source]
     flag_method = {"loo": FLAG_METHOD, "train": "confident_learning(train_probs)",
                    "oof": "confident_learning(temperature_scaled_oof_probs)"}[source]
-    return {"suspicion": suspicion(rows["loss"], loo, label_margin(probs, labels)), "loo": loo,
+    weight = None if source == "oof" else ONE_FIT_LOSS_WEIGHT  # one fit: the loss leads (suspicion.py)
+    return {"suspicion": suspicion(rows["loss"], loo, label_margin(probs, labels), weight), "loo": loo,
             "flags": flag_errors(labels, flag_probs, seed=run.cfg.seed), "method": method, "flag_method": flag_method,
             "loo_method": loo_method, **extra}
 
