@@ -27,7 +27,8 @@ test, which `selfcheck.cross_fit: auto` audits from 5 out-of-fold fits: rank_mea
 the `audit` column says which). Metrics: recall of flips in the top 10% / 20% of rows and average precision
 ("suspicion - best", "default - best": the smallest of the three differences to the best of loss /
 self_influence / cleanlab, >= -0.01 is the target); flags (the default's: confident learning on the Newton
-leave-one-out probabilities, or on the temperature-scaled out-of-fold ones): count vs true flips, precision,
+leave-one-out probabilities, or on the temperature-scaled out-of-fold ones, for the count; the rows are the top of
+`default`, suspicion.flag_most_suspect): count vs true flips, precision,
 and the flagged fraction when the same model is trained on the clean labels. Development only (needs scikit-learn, cleanlab, statsmodels,
 palmerpenguins: `pip install cleanlab statsmodels palmerpenguins`). From the repository root:
 
@@ -66,6 +67,7 @@ from influence_cli.suspicion import (  # noqa: E402
     class_probs,
     fit_temperature,
     flag_errors,
+    flag_most_suspect,
     label_margin,
     suspicion,
 )
@@ -198,12 +200,14 @@ def default_audit(c: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, obj
     if "oof_outputs" not in c:
         probs = class_probs(c["loo_outputs"])
         loo = c["loo_loss"] if "loo_loss" in c else -np.log(probs[np.arange(len(probs)), y])
-        return suspicion(c["loss"], loo, label_margin(probs, y), ONE_FIT_LOSS_WEIGHT), probs, flag_errors(y, probs)
+        score = suspicion(c["loss"], loo, label_margin(probs, y), ONE_FIT_LOSS_WEIGHT)
+        return score, probs, flag_most_suspect(flag_errors(y, probs), score, y, probs)
     o = c["oof_outputs"]
     probs = class_probs(o)
     oof_loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None))
-    flags = flag_errors(y, class_probs(o / fit_temperature(o, y)))
-    return suspicion(c["loss"], oof_loss, label_margin(probs, y)), probs, flags
+    scaled = class_probs(o / fit_temperature(o, y))
+    score = suspicion(c["loss"], oof_loss, label_margin(probs, y))
+    return score, probs, flag_most_suspect(flag_errors(y, scaled), score, y, scaled)
 
 
 def cleanlab_cell(x: np.ndarray, y: np.ndarray, model: str, seed: int = 0) -> dict[str, np.ndarray]:

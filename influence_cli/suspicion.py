@@ -42,6 +42,8 @@ i "confidently belongs" to the classes k with p_i(k) >= t_k, and to the likelies
 flagged_i = (k*_i exists and k*_i != y_i). The confident joint counts (y_i, k*_i); calibrated so each
 row sums to the class's count, its off-diagonal mass / n is the estimated error rate; its interval is
 a percentile bootstrap over rows. Cost O(n C) per evaluation, O(bootstrap * n C) in all.
+selfcheck then flags that many rows from the top of suspicion (flag_most_suspect: confident learning
+says how many labels are wrong, the ranking which ones).
 
 flag_residuals (regression): rows whose leave-one-out residual exceeds RESIDUAL_Z robust standard
 deviations (sigma = median |r| / 0.6745); the error rate is the flagged fraction, Wilson interval.
@@ -49,7 +51,7 @@ deviations (sigma = median |r| / 0.6745); the error rate is the flagged fraction
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,7 +59,7 @@ ONE_FIT_LOSS_WEIGHT = 0.8  # suspicion's weight on the training loss's rank for 
 SUSPICION_METHOD = "weighted_rank_mean(loss:0.8,loo_loss:0.1,loo_margin:0.1)"
 SUSPICION_METHOD_FIRST_ORDER = "weighted_rank_mean(loss:0.8,loo_loss_first_order:0.1,margin:0.1)"
 SUSPICION_METHOD_REGRESSION = "rank_mean(loss,loo_loss)"
-FLAG_METHOD = "confident_learning(loo_probs)"
+FLAG_METHOD = "confident_learning_count(loo_probs),top_suspicion"
 FLAG_METHOD_REGRESSION = "loo_residual_robust_z"
 NEWTON_MAX_CLASSES = 64  # the Newton pass costs ~C self-influence passes; beyond this use the first-order form
 RESIDUAL_Z = 3.5
@@ -189,6 +191,25 @@ def flag_errors(labels: np.ndarray, probs: np.ndarray, *, confidence: float = 0.
     else:
         interval = wilson_interval(int(flagged.sum()), n, confidence)
     return Flags(flagged, suggested, rate, interval, per_class, confidence)
+
+
+def flag_most_suspect(flags: Flags, suspicion: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> Flags:
+    """`flags` with the same number of rows flagged, taken from the top of `suspicion` (ties by row order, as
+    selfcheck.csv sorts): confident learning says how many labels are wrong, the ranking which ones. Its own
+    set holds rows the ranking puts lower (a class with a loose threshold), so the top rows are the more precise
+    choice at the same count: at 10% noise over three draws of the benchmark's 24 cells (count within 30% of
+    the flips at precision >= 0.7), 17 cells against 15 for confident learning's own rows (iris's precision
+    0.53 -> 0.64). A flagged row's suggested label is confident learning's k*, or where that is its own label
+    (no class passed its threshold and the label is still the likeliest), the likeliest other class of `probs`
+    (n, C). The error rate and its interval are confident learning's."""
+    s = np.asarray(suspicion, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    top = np.zeros(len(s), dtype=bool)
+    top[np.lexsort((np.arange(len(s)), -s))[: int(flags.flagged.sum())]] = True
+    other = np.asarray(probs, dtype=np.float64).copy()
+    other[np.arange(len(y)), y] = -np.inf
+    suggested = np.where(top & (flags.suggested == y), other.argmax(axis=1), flags.suggested)
+    return replace(flags, flagged=top, suggested=suggested)
 
 
 def flag_residuals(loo_loss: np.ndarray, *, z: float = RESIDUAL_Z, confidence: float = 0.9) -> Flags:

@@ -109,7 +109,7 @@ def test_cross_fit_finds_the_flips_a_memorizing_model_hides(capsys, tmp_path):
     doc = json.loads(out)
     assert doc["loo_loss_method"] == "cross_fit(4)"
     assert doc["suspicion_method"] == "rank_mean(loss,oof_loss,oof_margin)"
-    assert doc["flag_method"] == "confident_learning(temperature_scaled_oof_probs)"
+    assert doc["flag_method"] == "confident_learning_count(temperature_scaled_oof_probs),top_suspicion"
     assert doc["oof_temperature"] > 1.0  # a memorizing model's out-of-fold outputs are overconfident
 
     def found(folder):

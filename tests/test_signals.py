@@ -165,6 +165,7 @@ def test_a_parameter_subset_uses_its_own_jacobian():
 from influence_cli.suspicion import (  # noqa: E402
     class_probs,
     flag_errors,
+    flag_most_suspect,
     flag_residuals,
     label_margin,
     percentile_rank,
@@ -264,6 +265,18 @@ def test_flags_follow_the_per_class_thresholds():
     # confident joint: label 0 -> {0: 1, 1: 1}, label 1 -> {1: 1} (row 3 passes neither threshold)
     np.testing.assert_allclose(flags.class_error_rate, [0.5, 0.0])
     assert flags.error_rate == pytest.approx(0.25)
+
+
+def test_the_flagged_count_is_confident_learnings_and_the_rows_the_most_suspect():
+    """Confident learning flags row 1 only (one row); the most suspect row is row 3, whose label is still its
+    likeliest class: it is flagged instead, with the likeliest other class suggested; the error rate stays."""
+    labels, probs = np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.4, 0.6]])
+    flags = flag_errors(labels, probs, bootstrap=0)
+    moved = flag_most_suspect(flags, np.array([0.1, 0.5, 0.2, 0.9]), labels, probs)
+    assert moved.flagged.tolist() == [False, False, False, True]
+    assert moved.suggested[3] == 0 and moved.error_rate == flags.error_rate
+    tied = flag_most_suspect(flags, np.array([0.5, 0.5, 0.2, 0.1]), labels, probs)  # ties: the earlier row
+    assert tied.flagged.tolist() == [True, False, False, False] and tied.suggested[0] == 1
 
 
 def synthetic_noisy(n: int = 2000, classes: int = 4, rate: float = 0.1, seed: int = 0):

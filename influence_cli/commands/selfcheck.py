@@ -38,6 +38,7 @@ from ..suspicion import (
     class_probs,
     fit_temperature,
     flag_errors,
+    flag_most_suspect,
     flag_residuals,
     label_margin,
     suspicion,
@@ -302,11 +303,12 @@ def _audit(run: Run, solver: Any, rows: dict[str, Any], newton: bool, oof: np.nd
         flag_probs = class_probs(outputs / extra["oof_temperature"])
     method = {"loo": SUSPICION_METHOD, "train": SUSPICION_METHOD_FIRST_ORDER,
               "oof": "rank_mean(loss,oof_loss,oof_margin)"}[source]
-    flag_method = {"loo": FLAG_METHOD, "train": "confident_learning(train_probs)",
-                   "oof": "confident_learning(temperature_scaled_oof_probs)"}[source]
+    flag_method = {"loo": FLAG_METHOD, "train": "confident_learning_count(train_probs),top_suspicion",
+                   "oof": "confident_learning_count(temperature_scaled_oof_probs),top_suspicion"}[source]
     weight = None if source == "oof" else ONE_FIT_LOSS_WEIGHT  # one fit: the loss leads (suspicion.py)
-    return {"suspicion": suspicion(rows["loss"], loo, label_margin(probs, labels), weight), "loo": loo,
-            "flags": flag_errors(labels, flag_probs, seed=run.cfg.seed), "method": method, "flag_method": flag_method,
+    score = suspicion(rows["loss"], loo, label_margin(probs, labels), weight)
+    flags = flag_most_suspect(flag_errors(labels, flag_probs, seed=run.cfg.seed), score, labels, flag_probs)
+    return {"suspicion": score, "loo": loo, "flags": flags, "method": method, "flag_method": flag_method,
             "loo_method": loo_method, **extra}
 
 
