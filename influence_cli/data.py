@@ -541,7 +541,8 @@ def _labels(values: Any, ids: list[str], key: str, task: str, classes: list[str]
     if arr.ndim != 1:
         raise DataError(f"{key}.label: task {task} needs one label per row, got shape {arr.shape}")
     if numeric:
-        whole = arr.astype(np.int64)
+        with np.errstate(invalid="ignore"):  # a value beyond int64 casts to garbage, which the check below names
+            whole = arr.astype(np.int64)
         bad = np.nonzero(whole != arr)[0]
         if len(bad):
             raise DataError(f"{key}.label: label {arr[bad[0]]} of row id {ids[bad[0]]!r} is not a whole number",
