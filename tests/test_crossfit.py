@@ -4,6 +4,7 @@ model that memorizes its labels."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -232,3 +233,21 @@ def test_the_memorization_rule_counts_a_model_that_fits_all_but_one_of_150_label
 
     assert memorized(0.03, 149 / 150) and memorized(0.01, 0.9)
     assert not memorized(0.03, 0.985) and not memorized(0.001, None)
+
+
+@pytest.mark.parametrize("name", ["breast_cancer", "digits"])
+def test_the_checkpoint_fit_torchrun_decides_on_equals_the_scored_rows(name):
+    """Under torchrun the memorization test runs before the scoring pass, on one forward pass (summed over the
+    ranks): its mean loss and accuracy equal what one process reads from the scored rows (binary, classification)."""
+    from influence_cli.commands.selfcheck import _checkpoint_fit, _scored_rows
+    from influence_cli.run import Run
+
+    root = Path(__file__).resolve().parents[1]
+    run = Run.open(load_config(root / "configs" / f"{name}.yaml"), "selfcheck")
+    run.fit()
+    mean, accuracy, n = _checkpoint_fit(run)
+    rows = _scored_rows(run)
+    labels = run.train.labels.numpy().reshape(n).astype(np.int64)
+    assert n == run.train.n
+    assert mean == pytest.approx(float(rows["loss"].mean()), rel=1e-9)
+    assert accuracy == pytest.approx(float((rows["pred"] == labels).mean()))
