@@ -46,6 +46,13 @@ def order_desc(values: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(values)), -values))
 
 
+def top_mask(values: np.ndarray, count: int) -> np.ndarray:
+    """(n,) bool: the first `count` rows of `order_desc(values)`, the rows a table sorted by `values` lists first."""
+    mask = np.zeros(len(values), dtype=bool)
+    mask[order_desc(np.asarray(values, dtype=np.float64))[: max(int(count), 0)]] = True
+    return mask
+
+
 def order_asc(values: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(values)), values))
 

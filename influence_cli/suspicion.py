@@ -56,8 +56,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 ONE_FIT_LOSS_WEIGHT = 0.8  # suspicion's weight on the training loss's rank for one fit of a classifier
-SUSPICION_METHOD = "weighted_rank_mean(loss:0.8,loo_loss:0.1,loo_margin:0.1)"
-SUSPICION_METHOD_FIRST_ORDER = "weighted_rank_mean(loss:0.8,loo_loss_first_order:0.1,margin:0.1)"
+_W, _REST = f"{ONE_FIT_LOSS_WEIGHT:g}", f"{(1 - ONE_FIT_LOSS_WEIGHT) / 2:g}"
+SUSPICION_METHOD = f"weighted_rank_mean(loss:{_W},loo_loss:{_REST},loo_margin:{_REST})"
+SUSPICION_METHOD_FIRST_ORDER = f"weighted_rank_mean(loss:{_W},loo_loss_first_order:{_REST},margin:{_REST})"
 SUSPICION_METHOD_REGRESSION = "rank_mean(loss,loo_loss)"
 FLAG_METHOD = "confident_learning_count(loo_probs),top_suspicion"
 FLAG_METHOD_REGRESSION = "loo_residual_robust_z"
@@ -129,10 +130,15 @@ def fit_temperature(outputs: np.ndarray, labels: np.ndarray, iterations: int = 8
 def label_margin(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """max_{k != y_i} p_i(k) - p_i(y_i), in [-1, 1]: > 0 where another class is preferred. (n, C), (n,) -> (n,)."""
     probs = np.asarray(probs, dtype=np.float64)
-    rows, y = np.arange(len(probs)), np.asarray(labels).astype(np.int64)
-    other = probs.copy()
-    other[rows, y] = -np.inf
-    return other.max(axis=1) - probs[rows, y]
+    y = np.asarray(labels).astype(np.int64)
+    return _other_classes(probs, y).max(axis=1) - probs[np.arange(len(y)), y]
+
+
+def _other_classes(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A copy of probs (n, C) with each row's given label at -inf: its max / argmax is the best other class."""
+    other = np.array(probs, dtype=np.float64)
+    other[np.arange(len(labels)), labels] = -np.inf
+    return other
 
 
 def percentile_rank(values: np.ndarray) -> np.ndarray:
@@ -202,13 +208,11 @@ def flag_most_suspect(flags: Flags, suspicion: np.ndarray, labels: np.ndarray, p
     0.53 -> 0.64). A flagged row's suggested label is confident learning's k*, or where that is its own label
     (no class passed its threshold and the label is still the likeliest), the likeliest other class of `probs`
     (n, C). The error rate and its interval are confident learning's."""
-    s = np.asarray(suspicion, dtype=np.float64)
+    from .report import top_mask  # here, not at the top: this module imports nothing beyond numpy otherwise
+
     y = np.asarray(labels).astype(np.int64)
-    top = np.zeros(len(s), dtype=bool)
-    top[np.lexsort((np.arange(len(s)), -s))[: int(flags.flagged.sum())]] = True
-    other = np.asarray(probs, dtype=np.float64).copy()
-    other[np.arange(len(y)), y] = -np.inf
-    suggested = np.where(top & (flags.suggested == y), other.argmax(axis=1), flags.suggested)
+    top = top_mask(suspicion, int(flags.flagged.sum()))
+    suggested = np.where(top & (flags.suggested == y), _other_classes(probs, y).argmax(axis=1), flags.suggested)
     return replace(flags, flagged=top, suggested=suggested)
 
 

@@ -338,10 +338,7 @@ def _train_outputs(run: Run) -> np.ndarray:
 
 def _top_fraction(values: np.ndarray, fraction: float) -> np.ndarray:
     """selfcheck.flag_fraction: exactly the top ceil(fraction n) rows by `values`."""
-    count = int(np.ceil(fraction * len(values)))
-    flagged = np.zeros(len(values), dtype=bool)
-    flagged[report.order_desc(values)[:count]] = True
-    return flagged
+    return report.top_mask(values, int(np.ceil(fraction * len(values))))
 
 
 def _scored_rows(run: Run) -> dict[str, Any]:
